@@ -1,0 +1,32 @@
+"""The mask-coder interface shared by the model, the input pipeline, the losses and the evaluator.
+
+A coder turns a full-image binary mask plus its box into a fixed-length vector (the supervision
+target of the UQR vector head) and a vector back into a box-relative `mask_size x mask_size` mask.
+Concrete coders: `dct` (default, official SOLQ), `pca`, `flatten`; `build_coder(model_config)`
+picks one from `config.model.mask_coder`.
+"""
+import abc
+
+
+class MaskCoder(abc.ABC):
+  """Box-relative mask coding. All `jnp` methods are jit- and vmap-able."""
+
+  mask_size: int      # N: side of the box-relative mask
+  num_coeffs: int     # length of a mask vector
+
+  @abc.abstractmethod
+  def encode(self, masks, boxes_xyxy):
+    """`masks` bool `[N,H,W]` (full image), `boxes_xyxy` `[N,4]` absolute pixels -> float32 `[N,num_coeffs]` (jnp)."""
+
+  @abc.abstractmethod
+  def encode_np(self, masks, boxes_xyxy):
+    """Host (numpy) twin of `encode` for the input pipeline; equal values."""
+
+  @abc.abstractmethod
+  def reconstruct(self, vectors):
+    """Vectors `[N,num_coeffs]` -> float `[N,mask_size,mask_size]`, the soft (pre-threshold)
+    reconstruction. Differentiable; used by spatial-domain losses."""
+
+  @abc.abstractmethod
+  def decode(self, vectors):
+    """Vectors `[N,num_coeffs]` -> bool `[N,mask_size,mask_size]` with the coder's threshold."""

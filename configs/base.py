@@ -44,6 +44,7 @@ def loss_config() -> ml_collections.ConfigDict:
       vector_loss='l1',             # l1 | smooth_l1 | l2 | cosine | dice
       vector_loss_scale=3.0,
       vector_start_stage=0,         # decoder layers >= this get the vector loss (paper Table 3c)
+      dice_sharpness=10.0,          # vector_loss='dice': soft mask = sigmoid(s * (recon - 0.5))
       focal_alpha=0.25,
       focal_gamma=2.0,
       aux_loss=True,
@@ -61,6 +62,23 @@ def data_config() -> ml_collections.ConfigDict:
       root='',                      # COCO layout; '' = the generated dataset in cache_dir
       train_split='train2017',
       val_split='val2017',
+      # source='tfds' (solq_jax/data/tfds.py): an ArrayRecord TFDS dataset, read without
+      # TensorFlow (pip install 'solq-jax[tfds]'). Prepare it once where TF is installed.
+      tfds_name='lvis',             # builder name, optionally 'name/config:version'
+      tfds_data_dir='',             # folder holding <name>/<version>/ (required, no download)
+      tfds_train_split='train',     # TFDS split read where data.train_split is asked for
+      tfds_val_split='validation',  # TFDS split read where data.val_split is asked for
+      tfds_image_key='image',       # Image feature (RGB)
+      tfds_id_key='image/id',       # int image id ('' = record index + 1)
+      tfds_bbox_key='objects/bbox',  # BBoxFeature: normalised ymin, xmin, ymax, xmax
+      tfds_label_key='objects/label',  # ClassLabel, 0-based
+      tfds_mask_key='objects/segmentation',  # per-object Image [H,W,1], nonzero = inside
+      tfds_crowd_key='',            # optional per-object bool/int; nonzero objects dropped
+      tfds_label_offset=1,          # model class index = label + offset (LVIS: category id)
+      # Pixel boxes (normalised float32 x image size) rounded to this many decimals (-1 = off):
+      # COCO/LVIS json boxes have 2, so this restores them exactly; unrounded, an edge at 37 px
+      # can come back as 36.999996 and move the mask coder's box crop by a pixel.
+      tfds_box_decimals=2,
       cache_dir='.cache/solq_data',
       max_gt=100,
       train_scales=tuple(range(480, 801, 32)),
@@ -70,7 +88,27 @@ def data_config() -> ml_collections.ConfigDict:
       crop_max_size=600,
       eval_size=800,
       eval_max_size=1333,
-      num_workers=2,
+      flip_prob=0.5,                # RandomHorizontalFlip
+      select_prob=0.5,              # RandomSelect: P(plain multi-scale resize) vs resize+crop+resize
+      # Padding buckets: each batch is padded bottom/right to (H, W), each side the smallest of
+      # these sizes that holds the batch's largest image. () = derived: the largest short side and
+      # the long-side cap (R50: 800, 1344 -> at most 4 shapes), plus bucket_extra_sizes.
+      bucket_sizes=(),
+      bucket_extra_sizes=(),
+      bucket_multiple=32,           # sizes are rounded up to a multiple of this
+      # Batch images of one orientation together (train: per epoch, after planning the
+      # augmentations; eval: landscape first): batches pad to (800, 1344) or (1344, 800) instead
+      # of (1344, 1344). Per-image augmentations are unchanged; only batch composition differs.
+      group_by_aspect=True,
+      num_workers=2,                # grain worker processes; 0 = in-process
+      read_threads=1,               # threads per process building batches (0 = synchronous)
+      prefetch=2,                   # batches buffered per process
+      # The generated dataset, used when root == '' (written once to cache_dir, then reused).
+      synthetic_seed=0,
+      synthetic_train_images=1024,
+      synthetic_val_images=128,
+      synthetic_min_size=192,       # image sides are drawn uniformly from [min, max]
+      synthetic_max_size=320,
   ))
 
 
@@ -86,15 +124,38 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40,
       lr_drop_factor=0.1,
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+      total_steps=0,                # 0 = epochs * (train images // batch_size): the run's length
+      stop_at_step=0,               # 0 = run to total_steps; else stop (and save) after this step
+      num_devices=0,                # 0 = every device of every process
+      log_every_steps=10,
+      checkpoint_every_steps=500,
+      max_to_keep=3,
+      async_checkpointing=True,
+      eval_every_steps=0,           # 0 = evaluate once, at the end
+      final_eval=True,
+      progress_bar=True,
+      # Multi-host: jax.distributed.initialize() (entry points call it before anything else).
+      distributed=False,
+      coordinator_address='',       # '' = auto-detect (SLURM, TPU, ...)
+      num_processes=0,              # 0 = auto-detect
+      process_id=-1,                # -1 = auto-detect
   ))
 
 
 def eval_config() -> ml_collections.ConfigDict:
   """Evaluation and post-processing (solq_jax.evaluation, solq_jax.postprocess)."""
   return ml_collections.ConfigDict(dict(
-      batch_size=8,
-      top_k=100,
+      batch_size=8,                 # global; a multiple of the device count
+      top_k=100,                    # detections per image (official: 100, no threshold, no NMS)
       max_images=0,                 # 0 = all
+      with_masks=True,              # False: bbox-only evaluation (no decode/paste/segm)
+      paste_exact_sizes=8,          # first image sizes pasted at exact size (a compile each);
+      paste_size_multiple=128,      # later sizes: canvas sides rounded up to this, then cropped
+      score_threshold=0.3,          # predict: detections drawn in overlays
+      names_file='',                # predict: category names (dataset json or text), '' = COCO
   ))
 
 

@@ -24,6 +24,7 @@ def get_config():
   config.data.crop_max_size = 192
   config.data.eval_size = 256
   config.data.eval_max_size = 320
+  config.data.num_workers = 1                # one worker process: the 2-core CPU demo
   config.train.batch_size = 8
   config.train.epochs = 2
   config.eval.batch_size = 8

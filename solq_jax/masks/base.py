@@ -7,6 +7,8 @@ picks one from `config.model.mask_coder`.
 """
 import abc
 
+from solq_jax.masks import roi_align
+
 
 class MaskCoder(abc.ABC):
   """Box-relative mask coding. All `jnp` methods are jit- and vmap-able."""
@@ -30,3 +32,27 @@ class MaskCoder(abc.ABC):
   @abc.abstractmethod
   def decode(self, vectors):
     """Vectors `[N,num_coeffs]` -> bool `[N,mask_size,mask_size]` with the coder's threshold."""
+
+
+class BoxCropCoder(MaskCoder):
+  """A coder whose vector is a transform of the binary RoIAlign box crop (all three coders).
+
+  Subclasses define `transform` (jnp) and `transform_np` (numpy): box crops `[B,N,N]` ->
+  vectors `[B,num_coeffs]`; `encode` = crop (`roi_align.crop_masks`) then transform.
+  `image_hw [B,2]` (optional): the true (h, w) of each mask's image when the masks are
+  batch-padded, so device-side encoding matches the host's unpadded crop.
+  """
+
+  @abc.abstractmethod
+  def transform(self, crops):
+    """Box crops `[B,N,N]` -> float32 `[B,num_coeffs]` (jnp)."""
+
+  @abc.abstractmethod
+  def transform_np(self, crops):
+    """Numpy twin of `transform`."""
+
+  def encode(self, masks, boxes_xyxy, image_hw=None):
+    return self.transform(roi_align.crop_masks(masks, boxes_xyxy, self.mask_size, image_hw))
+
+  def encode_np(self, masks, boxes_xyxy, image_hw=None):
+    return self.transform_np(roi_align.crop_masks_np(masks, boxes_xyxy, self.mask_size, image_hw))

@@ -1,0 +1,100 @@
+"""Train-step speed: the R50 step at 512x512 batch 1 (official PyTorch here: 7.97 s), and images/s
+of the tiny config on 1 vs 8 simulated CPU devices.
+
+  python benchmarks/train_step.py                      # both parts, each in its own process
+  python benchmarks/train_step.py --part r50 --runs 5
+  python benchmarks/train_step.py --part tiny --devices 8
+
+A step = forward + criterion (with the Hungarian matching) + backward + clip + AdamW, compiled,
+on random weights and a random batch of 10 objects per image; the median of `--runs` timed
+steps after one warm-up (compile) step.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--part', default='all', choices=('all', 'r50', 'tiny'))
+  p.add_argument('--devices', type=int, default=1, help='simulated CPU devices (sets XLA_FLAGS)')
+  p.add_argument('--runs', type=int, default=5)
+  p.add_argument('--size', type=int, default=0, help='image side (default: r50 512, tiny 256)')
+  p.add_argument('--batch', type=int, default=0, help='global batch (default: r50 1, tiny 8)')
+  return p.parse_args()
+
+
+def random_batch(config, batch, side, seed=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  g, k = config.data.max_gt, config.model.num_coeffs
+  n = min(10, g)
+  valid = np.zeros((batch, g), bool)
+  valid[:, :n] = True
+  cxcy = rng.uniform(0.2, 0.8, (batch, g, 2))
+  wh = rng.uniform(0.05, 0.3, (batch, g, 2))
+  boxes = np.concatenate([cxcy, wh], -1).astype(np.float32)
+  return dict(images=rng.standard_normal((batch, side, side, 3)).astype(np.float32),
+              pad_mask=np.zeros((batch, side, side), bool),
+              labels=rng.integers(1, config.model.num_classes, (batch, g)).astype(np.int32),
+              boxes=boxes, vectors=rng.standard_normal((batch, g, k)).astype(np.float32),
+              valid=valid)
+
+
+def measure(config, devices, batch, side, runs):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from solq_jax import models  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = step_lib.make_mesh(devices)
+  model = models.build_model(config)
+  variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
+  tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000)
+  schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
+  state = step_lib.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
+  step = step_lib.make_train_step(config, model, tx, mesh, schedule, variables['params'])
+  data = step_lib.shard_batch(random_batch(config, batch, side), mesh)
+  t0 = time.perf_counter()
+  state, metrics = step(state, data)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  return compile_s, float(np.median(times)), times, float(metrics['total'])
+
+
+def main():
+  args = parse()
+  if args.part == 'all':
+    for part, devices in (('r50', 1), ('tiny', 1), ('tiny', 8)):
+      subprocess.run([sys.executable, __file__, '--part', part, '--devices', str(devices),
+                      '--runs', str(args.runs)], check=True)
+    return
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={args.devices}')
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import solq_r50, tiny  # pylint: disable=g-import-not-at-top
+  config = solq_r50.get_config() if args.part == 'r50' else tiny.get_config()
+  side = args.size or (512 if args.part == 'r50' else 256)
+  batch = args.batch or (1 if args.part == 'r50' else 8)
+  compile_s, median, times, loss = measure(config, args.devices, batch, side, args.runs)
+  line = (f'{args.part}: {side}x{side} batch {batch} on {args.devices} device(s): median step '
+          f'{median:.3f} s ({batch / median:.2f} images/s) over {args.runs} runs '
+          f'[{", ".join(f"{t:.2f}" for t in times)}]; first step (compile) {compile_s:.1f} s; '
+          f'loss {loss:.3f}')
+  if args.part == 'r50':
+    line += f'; official PyTorch 7.97 s -> {7.97 / median:.2f}x'
+  print(line, flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,39 @@
+"""Evaluate SOLQ on a COCO-format split: bbox and segm AP, result and metrics jsons.
+
+  python eval.py --config configs/solq_r50.py --checkpoint DIR_OR_PTH \
+      --config.data.root=/path/to/coco [--config.eval.max_images=50] [--out_dir DIR]
+
+`--checkpoint`: a training run's checkpoint directory, a converted variables directory, or an
+official SOLQ `.pth`; omitted: random weights (benchmarking only).
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from solq_jax import evaluation
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')
+_OUT_DIR = flags.DEFINE_string('out_dir', '', "jsons go here ('' = eval/ beside the checkpoint)")
+_NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'devices of the data mesh (0 = all)')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  checkpoint = _CHECKPOINT.value
+  # Default: beside the checkpoint (never inside: a training checkpoint dir must stay clean).
+  out_dir = _OUT_DIR.value or os.path.join(
+      os.path.dirname(os.path.abspath(checkpoint.rstrip('/'))) if checkpoint else '.', 'eval')
+  devices = jax.devices()[:_NUM_DEVICES.value or None]
+  mesh = jax.sharding.Mesh(devices, ('data',))
+  logging.info('results and metrics go to %s', out_dir)
+  evaluation.run(_CONFIG.value, checkpoint, out_dir, mesh)
+
+
+if __name__ == '__main__':
+  app.run(main)

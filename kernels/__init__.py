@@ -1,0 +1,1 @@
+"""Hand-written accelerator kernels (Pallas) for solq-jax."""

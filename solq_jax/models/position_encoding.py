@@ -1,0 +1,55 @@
+"""Sine position encoding and padding-mask down-sampling (spec 1.1 and 1.2).
+
+Both are pure functions of the padding mask (True on padding), channels-last.
+"""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def sine_position_encoding(pad_mask, num_pos_feats, temperature=10000.0, scale=2 * math.pi,
+                           eps=1e-6):
+  """Deformable-DETR sine encoding of a padding mask `[B, H, W]` -> `[B, H, W, 2*num_pos_feats]`.
+
+  The cumulative counts of unpadded pixels along each axis (1-based) are shifted by -0.5,
+  divided by the last count plus `eps` and scaled to `[0, scale)`; feature `i` divides them by
+  `temperature ** (2 * (i // 2) / num_pos_feats)` and takes sin for even `i`, cos for odd `i`.
+  Channels are `[pos_y, pos_x]` (y first).
+  """
+  not_mask = jnp.logical_not(pad_mask).astype(jnp.float32)
+  y_embed = jnp.cumsum(not_mask, axis=1)
+  x_embed = jnp.cumsum(not_mask, axis=2)
+  y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * scale
+  x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * scale
+  dim_t = np.arange(num_pos_feats, dtype=np.float32)
+  dim_t = np.float32(temperature) ** (2 * (dim_t // 2) / np.float32(num_pos_feats))
+  dim_t = jnp.asarray(dim_t, jnp.float32)
+
+  def encode(embed):
+    pos = embed[..., None] / dim_t                        # [B, H, W, F]
+    sin_cos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1)
+    return sin_cos.reshape(pos.shape)                    # interleaved sin, cos, sin, ...
+
+  return jnp.concatenate([encode(y_embed), encode(x_embed)], axis=-1)
+
+
+def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of torch's legacy `F.interpolate(mode='nearest')` along one axis.
+
+  torch computes `min(floor(dst * float32(in / out)), in - 1)` in float32; so do we (on the
+  host: the sizes are static).
+  """
+  if out_size == in_size:
+    return np.arange(out_size)
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def downsample_mask(pad_mask, out_hw):
+  """Padding mask `[B, H, W]` resized to `out_hw` by legacy nearest (a gather, not a max)."""
+  h, w = pad_mask.shape[1:]
+  rows = legacy_nearest_indices(h, out_hw[0])
+  cols = legacy_nearest_indices(w, out_hw[1])
+  return pad_mask[:, rows][:, :, cols]

@@ -1,0 +1,237 @@
+"""The deformable transformer (spec 1.4): post-norm encoder and decoder, box refinement.
+
+Token layout: levels flattened in order, each row-major, `[B, S, D]`. Reference points are
+normalised (x, y) of the padded map; valid ratios are `(valid_W / W, valid_H / H)`, w first.
+"""
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from solq_jax.box_ops import inverse_sigmoid
+from solq_jax.models.deformable_attention import MSDeformAttn
+from solq_jax.models.layers import torch_linear_bias, xavier_uniform
+
+LN_EPS = 1e-5
+
+
+def layer_norm(name):
+  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+def ffn_linear(features, fan_in, name):
+  """Transformer linear: xavier kernel (transformer reset), torch-default bias."""
+  return nn.Dense(features, kernel_init=xavier_uniform, bias_init=torch_linear_bias(fan_in),
+                  name=name)
+
+
+def valid_ratios(masks):
+  """`[B, L, 2]` (valid_W / W, valid_H / H) from per-level padding masks `[B, H_l, W_l]`."""
+  ratios = []
+  for mask in masks:
+    h, w = mask.shape[1:]
+    valid_h = jnp.sum(~mask[:, :, 0], axis=1).astype(jnp.float32)
+    valid_w = jnp.sum(~mask[:, 0, :], axis=1).astype(jnp.float32)
+    ratios.append(jnp.stack([valid_w / w, valid_h / h], axis=-1))
+  return jnp.stack(ratios, axis=1)
+
+
+def encoder_reference_points(spatial_shapes, ratios):
+  """`[B, S, L, 2]`: every pixel centre, normalised by its level's valid size, times each
+  level's valid ratio."""
+  refs = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    ref_y, ref_x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
+                                jnp.arange(w, dtype=jnp.float32) + 0.5, indexing='ij')
+    ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
+    ref_x = ref_x.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
+    refs.append(jnp.stack([ref_x, ref_y], axis=-1))
+  return jnp.concatenate(refs, axis=1)[:, :, None] * ratios[:, None]
+
+
+def refine_boxes(delta, reference):
+  """sigmoid(delta + inverse_sigmoid(ref)) for 4-d boxes; for 2-d points only delta's (x, y)
+  get the reference and (w, h) are sigmoid(delta) alone. `delta [..., 4]` -> boxes `[..., 4]`."""
+  if reference.shape[-1] == 4:
+    return jax.nn.sigmoid(delta + inverse_sigmoid(reference))
+  xy = delta[..., :2] + inverse_sigmoid(reference)
+  return jax.nn.sigmoid(jnp.concatenate([xy, delta[..., 2:]], axis=-1))
+
+
+class _Layer(nn.Module):
+  """Fields and the post-norm sub-blocks shared by the encoder and decoder layers."""
+  d_model: int
+  d_ffn: int
+  dropout: float
+  n_levels: int
+  n_heads: int
+  n_points: int
+  impl: str = 'xla'
+
+  def drop(self, x, train):
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+  def deformable_attention(self, name):
+    return MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, self.impl,
+                        name=name)
+
+  def ffn(self, x, norm_name, train):
+    """x -> LN(x + drop(W2 drop(relu(W1 x))))."""
+    hidden = self.drop(nn.relu(ffn_linear(self.d_ffn, self.d_model, 'linear1')(x)), train)
+    return layer_norm(norm_name)(
+        x + self.drop(ffn_linear(self.d_model, self.d_ffn, 'linear2')(hidden), train))
+
+
+class EncoderLayer(_Layer):
+  """src = LN1(src + drop(MSDA(src + pos, ref, src))); src = LN2(src + drop(FFN(src)))."""
+
+  @nn.compact
+  def __call__(self, src, pos, reference_points, spatial_shapes, padding_mask, train):
+    attn = self.deformable_attention('self_attn')
+    src = layer_norm('norm1')(src + self.drop(
+        attn(src + pos, reference_points, src, spatial_shapes, padding_mask), train))
+    return self.ffn(src, 'norm2', train)
+
+
+class MultiheadAttention(nn.Module):
+  """torch `nn.MultiheadAttention` (no masks) with q/k/v/out as separate `[D, D]` Dense layers.
+
+  Init as the official decoder: the packed q|k|v matrix `[3D, D]` is xavier-initialised as a
+  whole (so each third has the packed bound), the out projection xavier, all biases zero.
+  """
+  d_model: int
+  n_heads: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, query, key, value, train):
+    d, m = self.d_model, self.n_heads
+    bound = math.sqrt(6.0 / (d + 3 * d))
+    packed_init = lambda k, shape, dtype=jnp.float32: jax.random.uniform(
+        k, shape, dtype, -bound, bound)
+    proj = lambda name, init=packed_init: nn.Dense(d, kernel_init=init,
+                                                   bias_init=nn.initializers.zeros, name=name)
+    b, lq, _ = query.shape
+    heads = lambda x: x.reshape(b, x.shape[1], m, d // m)
+    q = heads(proj('query')(query)) * (1.0 / math.sqrt(d // m))
+    k = heads(proj('key')(key))
+    v = heads(proj('value')(value))
+    weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k), axis=-1)
+    weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, lq, d)
+    return proj('out', xavier_uniform)(out)
+
+
+class DecoderLayer(_Layer):
+  """Self-attention -> norm2, deformable cross-attention -> norm1, FFN -> norm3 (official
+  names), each post-norm with dropout on the residual branch."""
+
+  @nn.compact
+  def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask,
+               train):
+    q = tgt + query_pos
+    tgt = layer_norm('norm2')(tgt + self.drop(MultiheadAttention(
+        self.d_model, self.n_heads, self.dropout, name='self_attn')(q, q, tgt, train), train))
+    cross = self.deformable_attention('cross_attn')
+    tgt = layer_norm('norm1')(tgt + self.drop(
+        cross(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask), train))
+    return self.ffn(tgt, 'norm3', train)
+
+
+class Encoder(nn.Module):
+  num_layers: int
+  layer_kwargs: dict
+
+  @nn.compact
+  def __call__(self, src, pos, spatial_shapes, ratios, padding_mask, train):
+    reference_points = encoder_reference_points(spatial_shapes, ratios)
+    for i in range(self.num_layers):
+      src = EncoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+          src, pos, reference_points, spatial_shapes, padding_mask, train)
+    return src
+
+
+class Decoder(nn.Module):
+  """Decoder with optional iterative box refinement.
+
+  `bbox_embed` (call argument): per-layer box heads `delta = head(hs_l)` shared with the model's
+  outputs, or None (no refinement: every layer keeps the initial 2-d reference). Returns
+  `(hs, references, boxes)`: per layer the output, the reference it read, and (with refinement)
+  `refine_boxes(head(hs_l), reference_l)`, whose stop-gradient is the next layer's reference.
+  """
+  num_layers: int
+  layer_kwargs: dict
+
+  @nn.compact
+  def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, ratios,
+               padding_mask, train, bbox_embed: Optional[Sequence[Callable]] = None):
+    hs, references, boxes = [], [], []
+    for i in range(self.num_layers):
+      if reference_points.shape[-1] == 4:
+        ref_input = reference_points[:, :, None] * jnp.concatenate([ratios, ratios], -1)[:, None]
+      else:
+        ref_input = reference_points[:, :, None] * ratios[:, None]
+      tgt = DecoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+          tgt, query_pos, ref_input, memory, spatial_shapes, padding_mask, train)
+      hs.append(tgt)
+      references.append(reference_points)
+      if bbox_embed is not None:
+        boxes.append(refine_boxes(bbox_embed[i](tgt), reference_points))
+        reference_points = jax.lax.stop_gradient(boxes[-1])
+    return hs, references, boxes
+
+
+def flatten_levels(maps):
+  """Per-level `[B, H_l, W_l, ...]` -> `[B, S, ...]`, levels in order, each row-major."""
+  return jnp.concatenate([m.reshape((m.shape[0], -1) + m.shape[3:]) for m in maps], axis=1)
+
+
+class DeformableTransformer(nn.Module):
+  """Flattens the levels, runs the encoder, splits the queries and runs the decoder.
+
+  `encode` and `decode` are also usable on their own (e.g. to time or inspect the stages).
+  """
+  d_model: int
+  n_heads: int
+  enc_layers: int
+  dec_layers: int
+  d_ffn: int
+  dropout: float
+  n_levels: int
+  enc_n_points: int
+  dec_n_points: int
+  impl: str = 'xla'
+
+  def setup(self):
+    common = dict(d_model=self.d_model, d_ffn=self.d_ffn, dropout=self.dropout,
+                  n_levels=self.n_levels, n_heads=self.n_heads, impl=self.impl)
+    self.level_embed = self.param('level_embed', nn.initializers.normal(1.0),
+                                  (self.n_levels, self.d_model))
+    self.encoder = Encoder(self.enc_layers, dict(common, n_points=self.enc_n_points))
+    self.decoder = Decoder(self.dec_layers, dict(common, n_points=self.dec_n_points))
+    self.reference_points = nn.Dense(2, kernel_init=xavier_uniform,
+                                     bias_init=nn.initializers.zeros)
+
+  def encode(self, srcs, masks, pos_embeds, train):
+    """srcs / pos_embeds `[B, H_l, W_l, D]`, masks `[B, H_l, W_l]` -> memory `[B, S, D]`."""
+    spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
+    pos_flat = flatten_levels([p + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)])
+    return self.encoder(flatten_levels(srcs), pos_flat, spatial_shapes, valid_ratios(masks),
+                        flatten_levels(masks), train)
+
+  def decode(self, memory, masks, query_embed, train, bbox_embed=None):
+    """memory `[B, S, D]`, per-level masks, query_embed `[Q, 2D]` -> (hs, references, boxes)."""
+    d = self.d_model
+    b = memory.shape[0]
+    spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
+    query_pos = jnp.broadcast_to(query_embed[:, :d], (b,) + query_embed[:, :d].shape)
+    tgt = jnp.broadcast_to(query_embed[:, d:], (b,) + query_embed[:, d:].shape)
+    reference_points = jax.nn.sigmoid(self.reference_points(query_pos))
+    return self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes,
+                        valid_ratios(masks), flatten_levels(masks), train, bbox_embed)
+
+  def __call__(self, srcs, masks, pos_embeds, query_embed, train, bbox_embed=None):
+    memory = self.encode(srcs, masks, pos_embeds, train)
+    return self.decode(memory, masks, query_embed, train, bbox_embed)

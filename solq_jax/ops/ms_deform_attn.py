@@ -1,0 +1,248 @@
+"""Multi-scale deformable attention core: bilinear sampling of a multi-level value map.
+
+`ms_deform_attn_core` is the one entry point (contract 2 of the project). Sampling follows
+`torch.nn.functional.grid_sample(align_corners=False, padding_mode='zeros')`: a normalised
+location (x, y) maps to pixel coordinates `u = x * W - 0.5`, `v = y * H - 0.5` of its level, and
+each of the 4 bilinear corners that falls outside the map contributes zero.
+
+The XLA implementation is written for XLA:CPU's fusion rules (see perf_notes.md): the value map
+is read as a table of rows `[B*S*M, Dh]` (row = (batch, pixel, head), no transpose), each of the
+L*P samples computes its 4 corner rows and weights inline and adds 4 weighted gathers to the
+accumulator in one loop fusion, and an `optimization_barrier` between samples keeps it at one
+fusion per sample. Its gradient is a `custom_vjp` that scans over chunks of queries, gathers the
+same taps, reduces them against the output gradient (locations, weights) and scatter-adds the
+weighted output gradient into the value gradient (deterministic on CPU).
+"""
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ('xla', 'pallas', 'auto')
+BACKWARD_CHUNK = 1024  # queries per step of the backward scan
+
+
+class Tap(NamedTuple):
+  """One bilinear corner of a batch of samples (all fields broadcast to the sample shape)."""
+  index: jax.Array   # int32 flat pixel index `row * W + col`, clipped into the map
+  inside: jax.Array  # 1.0 where the corner lies on the map, else 0.0
+  wx: jax.Array      # horizontal bilinear factor (1 - fx or fx)
+  wy: jax.Array      # vertical bilinear factor (1 - fy or fy)
+  sx: float          # d wx / d fx (-1 or +1)
+  sy: float          # d wy / d fy (-1 or +1)
+
+  @property
+  def weight(self):
+    return self.inside * self.wx * self.wy
+
+
+def check_inputs(value, spatial_shapes, sampling_locations, attention_weights):
+  """Validates the contract's shapes; returns `spatial_shapes` as a tuple of int pairs."""
+  if value.ndim != 4:
+    raise ValueError(f'value must be [B,S,M,Dh], got shape {value.shape}')
+  b, s, m, _ = value.shape
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  if sum(h * w for h, w in shapes) != s:
+    raise ValueError(f'spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} pixels '
+                     f'but value has S={s}')
+  if sampling_locations.ndim != 6 or sampling_locations.shape[-1] != 2:
+    raise ValueError('sampling_locations must be [B,Lq,M,L,P,2], got shape '
+                     f'{sampling_locations.shape}')
+  _, lq, m2, nl, p, _ = sampling_locations.shape
+  if (sampling_locations.shape[0], m2, nl) != (b, m, len(shapes)):
+    raise ValueError(f'sampling_locations {sampling_locations.shape} does not match value '
+                     f'{value.shape} and {len(shapes)} levels')
+  if attention_weights.shape != (b, lq, m, nl, p):
+    raise ValueError(f'attention_weights must be {(b, lq, m, nl, p)}, got '
+                     f'{attention_weights.shape}')
+  return shapes
+
+
+def bilinear_taps(loc, height, width):
+  """The 4 bilinear corners of normalised locations `loc [..., 2]` on a `height x width` map."""
+  return bilinear_taps_xy(loc[..., 0], loc[..., 1], height, width)
+
+
+def bilinear_taps_xy(x, y, height, width):
+  """`bilinear_taps` for separate x and y arrays (also used inside the Pallas kernel)."""
+  u = x * width - 0.5
+  v = y * height - 0.5
+  x0 = jnp.floor(u)
+  y0 = jnp.floor(v)
+  fx = u - x0
+  fy = v - y0
+  x0 = x0.astype(jnp.int32)
+  y0 = y0.astype(jnp.int32)
+  taps = []
+  for dy, wy, sy in ((0, 1 - fy, -1.0), (1, fy, 1.0)):
+    for dx, wx, sx in ((0, 1 - fx, -1.0), (1, fx, 1.0)):
+      col = x0 + dx
+      row = y0 + dy
+      inside = ((col >= 0) & (col < width) & (row >= 0) & (row < height)).astype(u.dtype)
+      index = jnp.clip(row, 0, height - 1) * width + jnp.clip(col, 0, width - 1)
+      taps.append(Tap(index, inside, wx, wy, sx, sy))
+  return taps
+
+
+def accumulation_dtype(value):
+  """f32 for f32/bf16/f16 values (f64 stays f64, for float64 gradient checks)."""
+  return jnp.promote_types(value.dtype, jnp.float32)
+
+
+def samples(shapes, num_points):
+  """Yields `(level, point, level_start, H, W)` for every sample of a query, in order."""
+  start = 0
+  for lvl, (h, w) in enumerate(shapes):
+    for pt in range(num_points):
+      yield lvl, pt, start, h, w
+    start += h * w
+
+
+def _row_base(b, s, m):
+  """Per-(batch, head) offsets such that `(base + pixel) * M + head` is the table row."""
+  batch = jnp.arange(b, dtype=jnp.int32)[:, None, None] * s
+  head = jnp.arange(m, dtype=jnp.int32)
+  return batch, head
+
+
+def fused_forward(value, shapes, sampling_locations, attention_weights):
+  """The forward pass (plain JAX, differentiable by autodiff); returns f32 `[B,Lq,M,Dh]`."""
+  b, s, m, dh = value.shape
+  table = jnp.asarray(value).reshape(b * s * m, dh)
+  batch, head = _row_base(b, s, m)
+  acc_dtype = accumulation_dtype(value)
+  loc = sampling_locations.astype(acc_dtype)
+  attn = attention_weights.astype(acc_dtype)
+  acc = jnp.zeros(loc.shape[:3] + (dh,), acc_dtype)
+  for lvl, pt, start, h, w in samples(shapes, loc.shape[4]):
+    a = attn[:, :, :, lvl, pt]
+    contrib = 0.0
+    for tap in bilinear_taps(loc[:, :, :, lvl, pt], h, w):
+      rows = (batch + start + tap.index) * m + head
+      gathered = table.at[rows].get(mode='clip').astype(acc_dtype)
+      contrib = contrib + gathered * (tap.weight * a)[..., None]
+    acc = lax.optimization_barrier(acc + contrib)
+  return acc
+
+
+def _to_chunks(x, chunk):
+  """`[B, Lq, ...]` -> `[n, B, chunk, ...]`, zero-padding Lq to a multiple of `chunk`."""
+  b, lq = x.shape[:2]
+  n = -(-lq // chunk)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk - lq)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x, lq):
+  n, b, chunk = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape((b, n * chunk) + x.shape[3:])[:, :lq]
+
+
+def fused_backward(value, shapes, sampling_locations, attention_weights, grad_out,
+                   chunk=BACKWARD_CHUNK):
+  """Gradients of `sum(fused_forward(...) * grad_out)` w.r.t. value, locations and weights."""
+  b, s, m, dh = value.shape
+  lq, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+  chunk = min(chunk, lq)
+  table = jnp.asarray(value).reshape(b * s * m, dh)
+  batch, head = _row_base(b, s, m)
+  acc_dtype = accumulation_dtype(value)
+  xs = (_to_chunks(sampling_locations.astype(acc_dtype), chunk),
+        _to_chunks(attention_weights.astype(acc_dtype), chunk),
+        _to_chunks(grad_out.reshape(b, lq, m, dh).astype(acc_dtype), chunk))
+
+  def step(grad_table, x):
+    loc, attn, g = x
+    grad_loc, grad_attn = [], []
+    for lvl, pt, start, h, w in samples(shapes, num_points):
+      a = attn[:, :, :, lvl, pt]
+      d_attn = d_fx = d_fy = 0.0
+      for tap in bilinear_taps(loc[:, :, :, lvl, pt], h, w):
+        rows = (batch + start + tap.index) * m + head
+        gathered = table.at[rows].get(mode='clip').astype(acc_dtype)
+        dot = jnp.sum(gathered * g, axis=-1) * tap.inside
+        d_attn = d_attn + dot * tap.wx * tap.wy
+        d_fx = d_fx + dot * tap.sx * tap.wy
+        d_fy = d_fy + dot * tap.wx * tap.sy
+        grad_table = grad_table.at[rows].add(g * (tap.weight * a)[..., None],
+                                             mode='promise_in_bounds')
+      grad_attn.append(d_attn)
+      grad_loc.append(jnp.stack([d_fx * a * w, d_fy * a * h], axis=-1))
+    grad_loc = jnp.stack(grad_loc, axis=-2).reshape(loc.shape)
+    grad_attn = jnp.stack(grad_attn, axis=-1).reshape(attn.shape)
+    return grad_table, (grad_loc, grad_attn)
+
+  grad_table, (grad_loc, grad_attn) = lax.scan(
+      step, jnp.zeros((b * s * m, dh), acc_dtype), xs)
+  return (grad_table.reshape(value.shape).astype(value.dtype),
+          _from_chunks(grad_loc, lq).astype(sampling_locations.dtype),
+          _from_chunks(grad_attn, lq).astype(attention_weights.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights):
+  """XLA core: fused forward with the hand-written backward; returns `[B,Lq,M*Dh]`."""
+  out = fused_forward(value, shapes, sampling_locations, attention_weights)
+  return out.reshape(out.shape[:2] + (-1,)).astype(value.dtype)
+
+
+def _xla_fwd(value, shapes, sampling_locations, attention_weights):
+  out = ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights)
+  return out, (value, sampling_locations, attention_weights)
+
+
+def _xla_bwd(shapes, residuals, grad_out):
+  value, sampling_locations, attention_weights = residuals
+  return fused_backward(value, shapes, sampling_locations, attention_weights, grad_out)
+
+
+ms_deform_attn_xla.defvjp(_xla_fwd, _xla_bwd)
+
+
+@functools.cache
+def _resolve_auto(device):
+  from kernels import ms_deform_attn as pallas_kernel  # pylint: disable=g-import-not-at-top
+  chosen = 'pallas' if pallas_kernel.device_supported(device) else 'xla'
+  logging.info('attention_impl=auto: %s device %r -> %s deformable-attention core',
+               device.platform, device.device_kind, chosen)
+  return chosen
+
+
+def resolve_impl(impl, device=None):
+  """Returns 'xla' or 'pallas'; 'auto' decides from `device` (default: the first device).
+
+  'auto' picks the Pallas kernel where it can run (CUDA GPUs of compute capability 8.0 and
+  newer, i.e. Ampere and Hopper) and the XLA core elsewhere; the choice is logged once.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'attention_impl must be one of {IMPLS}, got {impl!r}')
+  if impl != 'auto':
+    return impl
+  return _resolve_auto(device if device is not None else jax.devices()[0])
+
+
+def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights,
+                        impl='xla'):
+  """Multi-scale deformable attention.
+
+  Args:
+    value: `[B, S, M, Dh]`, S = sum of H_l * W_l, levels flattened in order, row-major.
+    spatial_shapes: static tuple of `(H_l, W_l)` Python ints.
+    sampling_locations: `[B, Lq, M, L, P, 2]` normalised (x, y), grid_sample
+      `align_corners=False` convention; corners outside the map read zero.
+    attention_weights: `[B, Lq, M, L, P]`, already softmaxed.
+    impl: 'xla' | 'pallas' (Triton kernel, sm80+ GPUs or interpret mode) | 'auto'.
+
+  Returns:
+    `[B, Lq, M * Dh]` in value's dtype (f32 accumulation), heads concatenated head-major.
+  """
+  shapes = check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+  impl = resolve_impl(impl)
+  if impl == 'pallas':
+    from kernels import ms_deform_attn as pallas_kernel  # pylint: disable=g-import-not-at-top
+    return pallas_kernel.ms_deform_attn_pallas(value, shapes, sampling_locations,
+                                               attention_weights)
+  return ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights)

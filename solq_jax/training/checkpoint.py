@@ -1,0 +1,132 @@
+"""Train checkpoints with orbax: periodic and final, async, `max_to_keep`, exact resume.
+
+Each step directory holds three items: `state` (the TrainState pytree: params, buffers,
+optimiser state, step, rng), `data` (the train iterator's position, JSON) and `meta` (format tag
+and the model config, JSON). orbax writes a step into a temporary directory and renames it when
+complete, so a process killed mid-save (even with SIGKILL) leaves only a temporary directory,
+which is removed at the next start; the run resumes from the last complete step.
+
+A checkpoint directory that holds anything else (files that are not orbax step directories, a
+step without our three items, a different model config, unreadable arrays) raises
+`CheckpointError` naming the path: a run never silently restarts from scratch.
+"""
+import base64
+import json
+import os
+import pathlib
+from typing import Any, Optional, Tuple
+
+import orbax.checkpoint as ocp
+
+FORMAT = 'solq-jax-train-v1'
+ITEMS = ('state', 'data', 'meta')
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint directory that cannot be resumed from."""
+
+
+def encode_iterator_state(state: Any) -> Any:
+  """Iterator states may be bytes (grain); JSON needs text."""
+  if isinstance(state, bytes):
+    return {'bytes_b64': base64.b64encode(state).decode('ascii')}
+  return {'value': state}
+
+
+def decode_iterator_state(stored: Any) -> Any:
+  if 'bytes_b64' in stored:
+    return base64.b64decode(stored['bytes_b64'])
+  return stored['value']
+
+
+def _is_tmp(name: str) -> bool:
+  return 'orbax-checkpoint-tmp' in name
+
+
+class Checkpointer:
+  """Saves and restores train checkpoints under `directory`."""
+
+  def __init__(self, directory, model_config, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    self.model_config = json.loads(model_config.to_json()) if hasattr(
+        model_config, 'to_json') else dict(model_config)
+    self._check_foreign()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def _check_foreign(self) -> None:
+    """Everything in an existing directory must be an orbax step directory (or its own files)."""
+    if not self.directory.exists():
+      return
+    if not self.directory.is_dir():
+      raise CheckpointError(f'checkpoint path {self.directory} exists and is not a directory')
+    for entry in sorted(os.listdir(self.directory)):
+      if _is_tmp(entry):
+        continue  # an interrupted save; orbax removes it at start-up
+      path = self.directory / entry
+      if entry.isdigit() and path.is_dir():
+        missing = [i for i in ITEMS if not (path / i).exists()]
+        if missing:
+          raise CheckpointError(
+              f'{path} is not a solq-jax train checkpoint (missing {missing}); it is truncated or '
+              'was written by another program. Remove it or use another --workdir.')
+        continue
+      if entry.startswith('_') or entry.startswith('.'):
+        continue  # orbax's own metadata (e.g. _CHECKPOINT_METADATA)
+      raise CheckpointError(
+          f'{path} is not part of a solq-jax checkpoint directory; refusing to use '
+          f'{self.directory} (a foreign or corrupted directory). Use another --workdir.')
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, iterator_state: Any, force: bool = False) -> bool:
+    meta = {'format': FORMAT, 'step': int(step), 'model': self.model_config}
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
+        meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, step: int, abstract_state) -> Tuple[Any, Any]:
+    """(state, iterator_state) of `step`; raises CheckpointError when it is not ours or unreadable."""
+    path = self.directory / str(step)
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the path
+      raise CheckpointError(f'cannot read the metadata of checkpoint {path}: {e}') from e
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+      raise CheckpointError(f'{path} is not a solq-jax train checkpoint (meta: {meta!r:.200})')
+    if meta.get('model') != self.model_config:
+      diff = sorted(k for k in set(meta.get('model', {})) | set(self.model_config)
+                    if meta.get('model', {}).get(k) != self.model_config.get(k))
+      raise CheckpointError(
+          f'checkpoint {path} was written for another model config (fields differ: {diff}); '
+          'use another --workdir or the same model config')
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'checkpoint {path} is truncated or does not match the train state: '
+                            f'{type(e).__name__}: {e}') from e
+    return restored['state'], decode_iterator_state(restored['data'])
+
+  def restore_latest(self, abstract_state) -> Optional[Tuple[int, Any, Any]]:
+    """(step, state, iterator_state) of the newest complete checkpoint, or None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    state, it_state = self.restore(step, abstract_state)
+    return step, state, it_state
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

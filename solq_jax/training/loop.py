@@ -1,0 +1,180 @@
+"""The training loop: data -> sharded step -> metrics, checkpoints, periodic COCO evaluation.
+
+    trainer = Trainer(config)                 # mesh, model, data, optimiser, compiled step
+    result = trainer.fit(workdir)             # resumes from workdir/checkpoints if present
+
+A `Trainer` can `fit` several work directories (tests reuse its compiled step). A run is a pure
+function of (config, step): the batch of step s comes from the data pipeline's step s, the
+dropout key is fold_in(rng, s), so a run resumed from a checkpoint continues exactly.
+"""
+import logging
+import pathlib
+import time
+from typing import Any, Dict, Optional
+
+import jax
+
+from solq_jax import data as data_lib
+from solq_jax import models
+from solq_jax.training import checkpoint as checkpoint_lib
+from solq_jax.training import distributed
+from solq_jax.training import init as init_lib
+from solq_jax.training import metrics as metrics_lib
+from solq_jax.training import optimizer as optimizer_lib
+from solq_jax.training import state as state_lib
+from solq_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A NaN or inf loss: the run stops; the last good checkpoint is kept."""
+
+
+class Trainer:
+  """Everything a run needs that does not depend on the work directory."""
+
+  def __init__(self, config, mesh=None, variables=None):
+    """`variables`: optional step-0 `{'params', 'buffers'}` (default: as `config.model` says)."""
+    self.config = config
+    t = config.train
+    self.mesh = mesh if mesh is not None else step_lib.make_mesh(t.num_devices)
+    step_lib.check_batch_size(t.batch_size, self.mesh)
+    self.model = models.build_model(config)
+    self.data = data_lib.train_pipeline(config)
+    self.steps_per_epoch = self.data.steps_per_epoch
+    self.total_steps = int(t.total_steps) or int(t.epochs) * self.steps_per_epoch
+    if self.total_steps > len(self.data):  # a longer run than `epochs` covers: extend the data
+      self.data = data_lib.train_pipeline(
+          config, num_epochs=-(-self.total_steps // self.steps_per_epoch))
+    self.stop_step = min(int(t.stop_at_step) or self.total_steps, self.total_steps)
+    key = jax.random.PRNGKey(config.seed)
+    self.init_key, self.train_key = jax.random.split(key)
+    self._variables = None if variables is None else jax.device_get(variables)
+    self._state_template = None
+    self._train_step = None
+    self.tx = None
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def initial_state(self) -> state_lib.TrainState:
+    """Step-0 state (random, pretrained backbone or init checkpoint), replicated on the mesh."""
+    if self._variables is None:  # computed once, kept on the host (states are donated)
+      self._variables = jax.device_get(
+          init_lib.initial_variables(self.config, self.model, self.init_key))
+    if self.tx is None:
+      self.tx = optimizer_lib.build_optimizer(self.config.train, self._variables['params'],
+                                              self.steps_per_epoch)
+    variables = self._variables
+    state = state_lib.create(variables, self.tx, self.train_key)
+    self._state_template = step_lib.abstract_state(state, self.mesh)
+    return step_lib.replicate(state, self.mesh)
+
+  @property
+  def train_step(self):
+    if self._train_step is None:
+      if self._state_template is None:
+        raise RuntimeError('call initial_state() before train_step')
+      schedule = optimizer_lib.group_schedules(self.config.train, self.steps_per_epoch)
+      self._train_step = step_lib.make_train_step(
+          self.config, self.model, self.tx, self.mesh, schedule[optimizer_lib.DEFAULT],
+          self._state_template.params)
+    return self._train_step
+
+  def checkpointer(self, workdir) -> checkpoint_lib.Checkpointer:
+    t = self.config.train
+    return checkpoint_lib.Checkpointer(pathlib.Path(workdir) / 'checkpoints', self.config.model,
+                                       max_to_keep=t.max_to_keep,
+                                       async_save=t.async_checkpointing)
+
+  # -- evaluation ----------------------------------------------------------------------------
+
+  def evaluate(self, state, out_dir) -> Optional[Dict[str, Any]]:
+    """COCO bbox + segm evaluation of the val split (single process only; else skipped)."""
+    from solq_jax import evaluation  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      log.warning('evaluation is single-process only: skipped in this %d-process run; run '
+                  'eval.py on the checkpoint', jax.process_count())
+      return None
+    batches, ann_file = evaluation.eval_batches(self.config)
+    return evaluation.evaluate(self.model, state.variables, batches, ann_file, self.config,
+                               mesh=self.mesh, out_dir=str(out_dir),
+                               progress=self.config.train.progress_bar)
+
+  # -- the loop ------------------------------------------------------------------------------
+
+  def fit(self, workdir, stop_at_step: int = 0) -> Dict[str, Any]:
+    """Trains from the newest checkpoint in `workdir` (or from scratch) up to the stop step
+    (`stop_at_step`, else `train.stop_at_step`, else the end).
+
+    Returns dict(state, step, history (per-step metrics of this call), eval (or None)).
+    """
+    t = self.config.train
+    stop = min(stop_at_step, self.total_steps) if stop_at_step else self.stop_step
+    workdir = pathlib.Path(workdir)
+    main = distributed.is_main_process()
+    state = self.initial_state()
+    ckpt = self.checkpointer(workdir)
+    writer = metrics_lib.MetricWriter(workdir, enabled=main)
+    restored = ckpt.restore_latest(self._state_template)
+    iterator = self.data.iterator()
+    start = 0
+    if restored is not None:
+      start, state, iterator_state = restored
+      iterator.set_state(iterator_state)
+      writer.truncate_after(start)
+      log.info('resumed from step %d of %s', start, ckpt.directory)
+    history, result_eval = [], None
+    bar = metrics_lib.ProgressBar(stop, start, enabled=t.progress_bar and main)
+    try:
+      step = start
+      batch = next(iterator) if step < stop else None
+      tick, tick_step = time.time(), step
+      while step < stop:
+        state, metrics = self.train_step(state, step_lib.shard_batch(batch, self.mesh))
+        step += 1
+        data_state = iterator.get_state()  # positioned at batch `step`: what a resume needs
+        batch = next(iterator) if step < stop else None  # overlaps the device step
+        scalars = metrics_lib.to_floats(jax.device_get(metrics))
+        bad = metrics_lib.nonfinite(scalars)
+        if bad:
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f'non-finite loss at step {step}: {bad}. The run stopped without saving this '
+              f'step; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+        history.append(scalars)
+        if step % t.log_every_steps == 0 or step == stop:
+          now = time.time()
+          scalars['images_per_s'] = (step - tick_step) * t.batch_size / max(now - tick, 1e-9)
+          tick, tick_step = now, step
+          writer.write(step, scalars)
+          bar.update(step, metrics_lib.format_losses(scalars))
+        if step % t.checkpoint_every_steps == 0 or step == stop:
+          ckpt.save(step, state, data_state)
+        if t.eval_every_steps and step % t.eval_every_steps == 0 and step < self.total_steps:
+          ckpt.wait()
+          ev = self.evaluate(state, workdir / 'eval' / str(step))
+          if ev is not None:
+            writer.write(step, ev['summary'], prefix='eval')
+      bar.close()
+      ckpt.wait()
+      if t.final_eval and step == self.total_steps:
+        result_eval = self.evaluate(state, workdir / 'eval' / str(step))
+        if result_eval is not None:
+          writer.write(step, result_eval['summary'], prefix='eval')
+          s = result_eval['summary']
+          print(f'step {step}: box AP {s["bbox/AP"]:.4f}' +
+                (f', mask AP {s["segm/AP"]:.4f}' if 'segm/AP' in s else ''), flush=True)
+    finally:
+      ckpt.close()
+      writer.close()
+    return dict(state=state, step=step, history=history, eval=result_eval)
+
+
+def train_and_evaluate(config, workdir) -> Dict[str, Any]:
+  """`train.py`: one run in `workdir` (resumed if it holds checkpoints)."""
+  trainer = Trainer(config)
+  log.info('mesh %s; %d steps (%d per epoch); global batch %d', dict(trainer.mesh.shape),
+           trainer.total_steps, trainer.steps_per_epoch, config.train.batch_size)
+  return trainer.fit(workdir)
+

@@ -1,0 +1,112 @@
+"""postprocess: top-k selection, boxes at the original size, masks pasted per image."""
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from solq_jax import postprocess as pp
+from solq_jax.masks import DCTCoder, paste_masks_np
+
+
+def _reference_topk(logits, boxes_cxcywh, sizes, top_k):
+  """Plain numpy: sort (-score, flat index), i.e. ties by the lower flat index first."""
+  out = []
+  for b in range(logits.shape[0]):
+    prob = 1 / (1 + np.exp(-logits[b].astype(np.float64)))
+    flat = prob.reshape(-1)
+    order = sorted(range(flat.size), key=lambda i: (-flat[i], i))[:top_k]
+    q = np.array(order) // logits.shape[2]
+    lab = np.array(order) % logits.shape[2]
+    h, w = sizes[b]
+    cx, cy, bw, bh = boxes_cxcywh[b, q].T
+    box = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+    out.append((flat[order], lab, q, box))
+  return out
+
+
+@pytest.fixture(scope='module')
+def coder():
+  return DCTCoder(mask_size=16, num_coeffs=24)
+
+
+@pytest.fixture(scope='module')
+def outputs():
+  rng = np.random.default_rng(0)
+  b, q, c = 2, 6, 5
+  centres = rng.uniform(0.2, 0.8, (b, q, 2))
+  sizes = rng.uniform(0.1, 0.6, (b, q, 2))
+  return dict(pred_logits=rng.normal(size=(b, q, c)).astype(np.float32),
+              pred_boxes=np.concatenate([centres, sizes], -1).astype(np.float32),
+              pred_vectors=(rng.normal(size=(b, q, 24)) * 4).astype(np.float32))
+
+
+SIZES = np.array([[37, 50], [64, 21]])
+
+
+def test_topk_boxes_against_numpy(outputs, coder):
+  dets = pp.postprocess(outputs, SIZES, coder, top_k=7, size_multiple=32)
+  ref = _reference_topk(outputs['pred_logits'], outputs['pred_boxes'], SIZES, 7)
+  for det, (scores, labels, query, boxes) in zip(dets, ref):
+    np.testing.assert_allclose(det['scores'], scores, rtol=1e-6)
+    np.testing.assert_array_equal(det['labels'], labels)
+    np.testing.assert_array_equal(det['query_index'], query)
+    np.testing.assert_allclose(det['boxes'], boxes, rtol=1e-5, atol=1e-4)
+    assert det['labels'].dtype == np.int32 and det['boxes'].shape == (7, 4)
+
+
+@pytest.mark.parametrize('max_exact_sizes', [0, 32])   # bucketed canvas + crop / exact canvas
+def test_masks_equal_decode_then_paste_at_exact_size(outputs, coder, max_exact_sizes):
+  """Canvas choice, crop and transposed layout must not change a pixel vs a plain paste."""
+  dets = pp.postprocess(outputs, SIZES, coder, top_k=7, size_multiple=32,
+                        max_exact_sizes=max_exact_sizes)
+  for b, det in enumerate(dets):
+    vectors = outputs['pred_vectors'][b, det['query_index']]
+    box_masks = np.asarray(coder.decode(vectors))
+    want = paste_masks_np(box_masks, det['boxes'], tuple(SIZES[b]))
+    assert det['masks'].shape == (7, *SIZES[b]) and det['masks'].dtype == bool
+    np.testing.assert_array_equal(det['masks'], want)
+    assert want.any(axis=(1, 2)).sum() >= 3     # the check is not vacuous
+    assert det['masks'].transpose(1, 2, 0).flags.f_contiguous   # ready for RLE encoding
+
+
+def test_ties_ordered_by_flat_index_and_fewer_candidates_than_k(coder):
+  logits = np.zeros((1, 3, 4), np.float32)        # all 12 scores tie at 0.5
+  logits[0, 2, 1] = 1.0                            # one clear winner
+  logits[0, 0, 3] = -1.0                           # one clear loser
+  boxes = np.tile(np.array([0.5, 0.5, 0.2, 0.2], np.float32), (1, 3, 1))
+  out = dict(pred_logits=logits, pred_boxes=boxes,
+             pred_vectors=np.zeros((1, 3, 24), np.float32))
+  det = pp.postprocess(out, [[10, 20]], coder, top_k=100)[0]
+  assert len(det['scores']) == 12                  # Q * C < top_k: every candidate, once
+  flat = det['query_index'] * 4 + det['labels']
+  np.testing.assert_array_equal(flat, [9, 0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 3])
+  det5 = pp.postprocess(out, [[10, 20]], coder, top_k=5, with_masks=False)[0]
+  np.testing.assert_array_equal(det5['query_index'] * 4 + det5['labels'], [9, 0, 1, 2, 4])
+  assert 'masks' not in det5
+
+
+def test_rows_not_kept_are_skipped(outputs, coder):
+  dets = pp.postprocess(outputs, SIZES, coder, top_k=3, keep=np.array([False, True]))
+  assert dets[0] is None and dets[1]['masks'].shape == (3, *SIZES[1])
+
+
+def test_canvas_size():
+  assert pp.canvas_size((800, 1066), 128) == (896, 1152)
+  assert pp.canvas_size((800, 1066), 1) == (800, 1066)
+  assert pp.canvas_size((128, 1), 128) == (128, 128)
+
+
+def test_bad_target_sizes(outputs, coder):
+  with pytest.raises(ValueError, match='target_sizes'):
+    pp.postprocess(outputs, [[10, 10]], coder)
+  with pytest.raises(ValueError, match='positive'):
+    pp.postprocess(outputs, [[10, 10], [0, 5]], coder)
+
+
+def test_encode_rle_round_trip():
+  rng = np.random.default_rng(1)
+  masks = rng.random((3, 9, 7)) > 0.5
+  rles = pp.encode_rle(masks)
+  assert all(isinstance(r['counts'], str) for r in rles)
+  decoded = mask_utils.decode([dict(size=r['size'], counts=r['counts'].encode()) for r in rles])
+  np.testing.assert_array_equal(decoded.transpose(2, 0, 1), masks)
+  assert pp.encode_rle(np.zeros((0, 9, 7), bool)) == []

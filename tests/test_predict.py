@@ -1,0 +1,167 @@
+"""predict: PNG overlays and detections json (tiny random model), overlay drawing, names, inputs."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from solq_jax import predict
+from solq_jax import visualize
+
+GREY = 128   # palette colours have a channel >= 100 away from 128: a tinted pixel always changes
+
+
+@pytest.fixture(scope='module')
+def grey_image(tmp_path_factory):
+  path = tmp_path_factory.mktemp('inputs') / 'grey.png'
+  Image.fromarray(np.full((90, 120, 3), GREY, np.uint8)).save(path)
+  return path
+
+
+class _TinyDetector(nn.Module):
+  """A stand-in for SOLQ with the same output contract (compiles in a moment)."""
+  num_queries: int
+  num_classes: int
+  num_coeffs: int
+
+  @nn.compact
+  def __call__(self, images, pad_mask, train=False):
+    b = images.shape[0]
+    feats = jnp.concatenate([images.mean((1, 2)), pad_mask.mean((1, 2))[:, None]], -1)
+    feats = feats + self.param('bias', nn.initializers.normal(1.0), (self.num_queries, 4))[None]
+    logits = nn.Dense(self.num_classes)(feats)
+    boxes = jax.nn.sigmoid(nn.Dense(4)(feats) * 3)
+    vectors = nn.Dense(self.num_coeffs, kernel_init=nn.initializers.normal(8.0))(feats)
+    assert logits.shape == (b, self.num_queries, self.num_classes)
+    return dict(pred_logits=logits, pred_boxes=boxes, pred_vectors=vectors, aux_outputs=[])
+
+
+@pytest.fixture(scope='module')
+def model_and_config(tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  m = config.model
+  model = _TinyDetector(m.num_queries, m.num_classes, m.num_coeffs)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32), bool))
+  return config, (model, variables)
+
+
+def _decode(rle):
+  return mask_utils.decode(dict(size=rle['size'], counts=rle['counts'].encode())).astype(bool)
+
+
+def test_drawn_mask_pixels_are_the_predicted_masks(model_and_config, grey_image, tmp_path):
+  config, loaded = model_and_config
+  config = config.copy_and_resolve_references()
+  config.eval.score_threshold = 0.0                # draw every detection
+  records = predict.run(config, '', [grey_image], tmp_path, loaded=loaded,
+                        draw_boxes=False, draw_labels=False)
+  png = Image.open(tmp_path / 'grey.png')
+  assert png.format == 'PNG' and png.size == (120, 90) and png.mode == 'RGB'
+  saved = json.loads((tmp_path / 'detections.json').read_text())
+  assert saved == json.loads(json.dumps(records))
+  dets = saved[0]['detections']
+  assert len(dets) == config.eval.top_k
+  assert [d['score'] for d in dets] == sorted((d['score'] for d in dets), reverse=True)
+  union = np.zeros((90, 120), bool)
+  for d in dets:
+    union |= _decode(d['segmentation'])
+  assert union.any()
+  changed = np.any(np.asarray(png) != GREY, axis=-1)
+  np.testing.assert_array_equal(changed, union)
+
+
+def test_image_without_detections_above_threshold(model_and_config, grey_image, tmp_path):
+  config, loaded = model_and_config
+  config = config.copy_and_resolve_references()
+  config.eval.score_threshold = 0.999              # random weights score ~0.01
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  (folder / 'grey.png').write_bytes(grey_image.read_bytes())
+  (folder / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+  (folder / 'notes.txt').write_text('not an image')
+  records = predict.run(config, '', [folder], tmp_path / 'out', loaded=loaded)
+  assert len(records) == 2
+  assert records[0]['file'] == str(folder / 'broken.jpg') and 'broken.jpg' in records[0]['error']
+  assert records[1]['detections'] == [] and records[1]['file'] == str(folder / 'grey.png')
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'grey.png')),
+                                np.asarray(Image.open(grey_image)))
+
+
+def test_overlay_pixels():
+  image = np.full((60, 50, 3), GREY, np.uint8)
+  mask = np.zeros((1, 60, 50), bool)
+  mask[0, 25:45, 12:40] = True
+  det = dict(scores=np.array([0.9], np.float32), labels=np.array([1]), masks=mask,
+             boxes=np.array([[12.0, 25.0, 40.0, 45.0]], np.float32),
+             query_index=np.array([0]))
+  color = visualize.palette(1)[0].astype(int)
+  out = visualize.draw_detections(image, det, score_threshold=0.5, draw_labels=False).astype(int)
+  tinted = np.floor((GREY + color) / 2 + 0.5)                 # round half up; no .5 ties here
+  np.testing.assert_array_equal(out[35, 25], tinted)          # mask interior
+  np.testing.assert_array_equal(out[25, 20], color)           # box outline (top edge)
+  np.testing.assert_array_equal(out[26, 39], color)           # 2-pixel outline, right edge
+  outside = np.ones((60, 50), bool)
+  outside[25:45, 12:40] = False
+  assert (out[outside] == GREY).all()
+  labelled = visualize.draw_detections(image, det, score_threshold=0.5).astype(int)
+  assert (labelled[:25] != GREY).any()                        # the label strip above the box
+  assert (labelled[:25, 12:] != GREY).any(axis=-1).any(axis=0)[0]   # starts at the box's left
+  assert (labelled[45:] == GREY).all()
+  below = visualize.draw_detections(image, det, score_threshold=0.95)
+  np.testing.assert_array_equal(below, image)
+
+
+def test_category_names(tmp_path):
+  assert predict.load_category_names('')[90] == 'toothbrush'
+  assert len(predict.load_category_names('')) == 80
+  (tmp_path / 'names.txt').write_text('cat\n\ndog\n')
+  assert predict.load_category_names(str(tmp_path / 'names.txt')) == {1: 'cat', 2: 'dog'}
+  (tmp_path / 'ids.txt').write_text('0 background thing\n7 zebra\n')
+  assert predict.load_category_names(str(tmp_path / 'ids.txt')) == {0: 'background thing',
+                                                                     7: 'zebra'}
+  (tmp_path / 'd.json').write_text(json.dumps({'categories': [{'id': 4, 'name': 'star'}]}))
+  assert predict.load_category_names(str(tmp_path / 'd.json')) == {4: 'star'}
+  (tmp_path / 'bad.json').write_text('{"images": []}')
+  with pytest.raises(ValueError, match='bad.json'):
+    predict.load_category_names(str(tmp_path / 'bad.json'))
+  with pytest.raises(FileNotFoundError, match='nope.txt'):
+    predict.load_category_names(str(tmp_path / 'nope.txt'))
+
+
+def test_bad_inputs(tiny_config, tmp_path):
+  with pytest.raises(FileNotFoundError, match='missing.jpg'):
+    predict.list_images([tmp_path / 'missing.jpg'])
+  with pytest.raises(FileNotFoundError, match='no_ckpt'):
+    predict.load_variables(tiny_config, str(tmp_path / 'no_ckpt'))
+  (tmp_path / 'weights.txt').write_text('x')
+  with pytest.raises(ValueError, match='weights.txt'):
+    predict.load_variables(tiny_config, str(tmp_path / 'weights.txt'))
+  (tmp_path / 'empty_dir').mkdir()
+  with pytest.raises(ValueError, match='empty_dir'):
+    predict.load_variables(tiny_config, str(tmp_path / 'empty_dir'))
+
+
+def test_restore_from_a_training_checkpoint(tiny_config, tmp_path):
+  """A training run's orbax directory (saved replicated over 8 devices) -> params and buffers."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import checkpoint as train_ckpt  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  variables = {'params': {'head': {'kernel': np.arange(12, dtype=np.float32).reshape(3, 4)}},
+               'buffers': {'bn': {'mean': np.full(4, 0.5, np.float32)}}}
+  state = state_lib.create(variables, optax.adamw(1e-3), np.array([0, 1], np.uint32))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  checkpointer = train_ckpt.Checkpointer(tmp_path / 'run', tiny_config.model, async_save=False)
+  checkpointer.save(3, state, {'step': 3}, force=True)
+  checkpointer.close()
+  restored = predict.load_variables(tiny_config, str(tmp_path / 'run'))
+  assert jax.tree.structure(restored) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
+  other = tiny_config.copy_and_resolve_references()
+  other.model.nheads = 2                         # same parameter shapes, another model
+  with pytest.raises(ValueError, match='nheads'):
+    predict.load_variables(other, str(tmp_path / 'run'))

@@ -1,0 +1,30 @@
+"""Train SOLQ (and evaluate it at the end): a thin entry point over `solq_jax.training`.
+
+  python train.py                                   # the CPU demo on the generated dataset
+  python train.py --config configs/solq_r50.py --config.data.root=/path/to/coco \
+      --config.train.batch_size=32 --workdir runs/r50
+
+Re-running with the same --workdir resumes from its newest checkpoint.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'checkpoints, metrics and eval results')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  config = _CONFIG.value
+  from solq_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config.train)  # before any other JAX call
+  from solq_jax.training import loop  # pylint: disable=g-import-not-at-top
+  loop.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -13,7 +13,6 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from configs import solq_r50  # noqa: E402
 from configs import tiny  # noqa: E402
 from solq_jax import data  # noqa: E402
 from solq_jax.data import pipeline  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 COCO = REPO.parent / 'shared' / 'data' / 'coco_val158'
 CONFIGS = {'r50': solq_r50.get_config, 'tiny': tiny.get_config}
@@ -49,10 +49,7 @@ def throughput(name, workers, batches, batch):
   pipe = data.train_pipeline(_config(name, workers, batch), process_index=0, process_count=1)
   it = pipe.iterator()
   next(it)
-  t, cpu = time.perf_counter(), time.process_time()
-  for _ in range(batches):
-    next(it)
-  dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+  _, dt, dcpu = timing.timed(lambda: [next(it) for _ in range(batches)][-1])
   if workers:
     it.close()
   return batches * batch / dt, dcpu / (batches * batch)

@@ -11,7 +11,7 @@ the wall time is inflated by the contention, the CPU time much less. The officia
 takes 7.36 s for the R50 forward at 800x1066 on this 2-core CPU (spec section 9).
 """
 import os
-import statistics
+import sys
 import time
 
 from absl import app
@@ -23,7 +23,10 @@ import numpy as np
 
 from solq_jax.models import build_model, init_variables
 from solq_jax.ops.ms_deform_attn import ms_deform_attn_core
+import timing  # benchmarks/timing.py
 
+# The config files import `configs.base`: the repository root must be importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/solq_r50.py', 'experiment config')
 _HEIGHT = flags.DEFINE_integer('height', 800, 'image height')
 _WIDTH = flags.DEFINE_integer('width', 1066, 'image width')
@@ -33,16 +36,10 @@ _STAGES = flags.DEFINE_bool('stages', True, 'also time the stages separately')
 
 
 def _time(fn, *args, runs):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first_s = time.perf_counter() - t0
-  times, cpu = [], []
-  for _ in range(runs):
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(times), min(times), max(times), statistics.median(cpu), first_s
+  """(median, min, max wall s, median CPU s) of `runs` calls after a timed first (compile) call,
+  and that first call's wall seconds."""
+  t = timing.interleaved({'fn': lambda: fn(*args)}, runs)['fn']
+  return t.median, t.min, t.max, t.cpu_median, t.first
 
 
 def _report(name, stats):

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_api  # noqa: E402
 from solq_jax import masks  # noqa: E402
 from solq_jax.masks import fit_pca  # noqa: E402
 from solq_jax.masks import pca  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared',
                     'data', 'coco_val158')
@@ -170,16 +171,6 @@ def _canvas_chunks(instances):
   return chunks, num
 
 
-def time_interleaved(fns, rounds):
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def speed(data_dir, rounds, size=128, num_coeffs=256):
   dataset = coco_api.COCO(os.path.join(data_dir, 'annotations', 'instances_val2017.json'))
   instances = _instances(dataset)
@@ -210,7 +201,8 @@ def speed(data_dir, rounds, size=128, num_coeffs=256):
       'decode+paste per-mask loop': lambda: [loop_decode_paste(v, inst[3], inst[1], size, zigzag)
                                              for v, inst in per_image],
   }
-  med = time_interleaved(fns, rounds)
+  # Already compiled above (the check); the loops need no warm-up.
+  med = timing.medians(fns, rounds, warmup=False)
   for name, sec in med.items():
     print(f'{name:28s} {sec:8.3f} s  {num / sec:9.0f} masks/s')
   print(f'encode speed-up:       {med["encode per-mask loop"] / med["encode batched jnp"]:.1f}x')
@@ -228,9 +220,10 @@ def speed(data_dir, rounds, size=128, num_coeffs=256):
     jax.block_until_ready(fn(vec100, box100))
     return lambda: fn(vec100, box100)
   vec_np, box_np = np.asarray(vec100), np.asarray(box100)
-  med = time_interleaved({
+  med = timing.medians({
       'tiled': eval_paste('tiled'), 'dense': eval_paste('dense'),
-      'loop': lambda: loop_decode_paste(vec_np, box_np, (800, 1066), size, zigzag)}, rounds)
+      'loop': lambda: loop_decode_paste(vec_np, box_np, (800, 1066), size, zigzag)},
+      rounds, warmup=False)
   print(f'100 masks at 800x1066, decode+paste: jnp tiled {med["tiled"]:.3f} s, jnp dense '
         f'{med["dense"]:.3f} s, per-mask loop {med["loop"]:.3f} s '
         f'({med["loop"] / med["tiled"]:.1f}x); official PostProcess 0.33 s (spec 9)')

@@ -20,7 +20,6 @@ Figures are wall-clock on a shared 2-core machine: noisy, compare within one run
 import argparse
 import os
 import sys
-import time
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -33,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from solq_jax import losses  # noqa: E402
 from solq_jax import matching  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 
 def random_matching_inputs(rng, layers, batch, queries, classes, max_gt):
@@ -51,22 +51,6 @@ def random_matching_inputs(rng, layers, batch, queries, classes, max_gt):
 def shard_inputs(mesh, args):
   specs = (P(None, 'data'), P(None, 'data'), P('data'), P('data'), P('data'))
   return [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
-
-
-def measure(fns, rounds):
-  """fns: name -> zero-arg callable. Calls each once (compile, printed), then times `rounds`
-  interleaved rounds; returns the median seconds per call."""
-  for name, fn in fns.items():
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    print(f'  first call (compile) {name}: {time.perf_counter() - t0:.2f} s', flush=True)
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def matching_variants(mesh, args, device_args):
@@ -133,7 +117,7 @@ def part1(mesh, rounds):
   print(f'  targets in batch: {int(args[-1].sum())}', flush=True)
   fns, costs_np = matching_variants(mesh, args, shard_inputs(mesh, args))
   fns.update(criterion_variants(mesh, args, rng))
-  medians = measure(fns, rounds)
+  medians = timing.medians(fns, rounds, verbose=True)
   check_agreement(fns, costs_np)
   base = medians['scipy, shard_map per device']
   for name, t in medians.items():
@@ -192,10 +176,12 @@ def part2(mesh, rounds, size, matchers):
   dargs = shard_inputs(mesh, margs)
   with_mesh = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh))
   pure = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh, solver='jax'))
-  medians = measure({'matching only, scipy shard_map': lambda: with_mesh(*dargs),
-                     'matching only, pure-JAX shard_map': lambda: pure(*dargs)}, 9)
-  medians.update(measure({f'train step, matcher={m}': (lambda m=m: steps[m](states[m], sharded))
-                          for m in steps}, rounds))
+  medians = timing.medians({'matching only, scipy shard_map': lambda: with_mesh(*dargs),
+                            'matching only, pure-JAX shard_map': lambda: pure(*dargs)},
+                           9, verbose=True)
+  steps_fns = {f'train step, matcher={m}': (lambda m=m: steps[m](states[m], sharded))
+               for m in steps}
+  medians.update(timing.medians(steps_fns, rounds, verbose=True))
   for name, t in medians.items():
     print(f'  {name:34s} {1e3 * t:9.2f} ms', flush=True)
   step_t = medians['train step, matcher=hungarian']

@@ -11,7 +11,7 @@ Variants, timed interleaved in one run (medians):
 It also prints the FLOP and byte floors of the shape on the device it runs on.
 """
 import argparse
-import statistics
+import functools
 import time
 
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 from kernels import ms_deform_attn as pallas_kernel
 from solq_jax.ops import ms_deform_attn as msda
+import timing  # benchmarks/timing.py
 
 ENCODER_LEVELS = ((100, 134), (50, 67), (25, 34), (13, 17))  # 800x1066 input
 HEADS, HEAD_DIM, POINTS = 8, 48, 4
@@ -86,13 +87,7 @@ def measured_bandwidth():
   """Rough DRAM bandwidth of this host: a 256 MB array copy-and-scale, bytes read + written."""
   x = jnp.ones((64 * 2 ** 20,), jnp.float32)
   fn = jax.jit(lambda x: x * 1.0001)
-  fn(x).block_until_ready()
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    fn(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * x.nbytes / min(times)
+  return 2 * x.nbytes / timing.interleaved({'copy': lambda: fn(x)}, 5)['copy'].min
 
 
 def device_peaks(device):
@@ -114,18 +109,6 @@ def make_fns(core, shapes, cotangent):
   return fwd, fwd_bwd
 
 
-def time_interleaved(fns, args, repeats):
-  for fn in fns.values():
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run_scale(label, batch, queries, levels, variants, repeats, on_gpu):
   value, loc, attn = inputs(batch, queries, levels)
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(batch, queries, HEADS * HEAD_DIM)),
@@ -137,9 +120,9 @@ def run_scale(label, batch, queries, levels, variants, repeats, on_gpu):
     if name == 'pallas' and not on_gpu:
       continue
     fwd, fwd_bwd = make_fns(cores[name], levels, cotangent)
-    fns[f'{name} fwd'] = fwd
-    fns[f'{name} fwd+bwd'] = fwd_bwd
-  medians = time_interleaved(fns, (value, loc, attn), repeats)
+    fns[f'{name} fwd'] = functools.partial(fwd, value, loc, attn)
+    fns[f'{name} fwd+bwd'] = functools.partial(fwd_bwd, value, loc, attn)
+  medians = timing.medians(fns, repeats)  # one untimed warm-up (compile) call each first
   print(f'\n{label}: batch {batch}, {queries} queries, levels {levels}, '
         f'{HEADS}x{HEAD_DIM}, {POINTS} points (median of {repeats})')
   for name, t in medians.items():

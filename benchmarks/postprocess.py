@@ -14,9 +14,7 @@ Timed, interleaved per repeat (medians reported):
 import argparse
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from solq_jax import masks  # noqa: E402
 from solq_jax import postprocess as pp  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 OFFICIAL_SECONDS = 0.33
 HW = (800, 1066)
@@ -46,13 +45,6 @@ def _outputs(seed=0, batch=1, queries=300, classes=91, coeffs=256):
   return coder, dict(pred_logits=jnp.asarray(logits, jnp.float32),
                      pred_boxes=jnp.asarray(np.concatenate([centres, sizes], -1), jnp.float32),
                      pred_vectors=jnp.asarray(np.tile(vectors[None], (batch, 1, 1)), jnp.float32))
-
-
-def _time(fn):
-  """(wall seconds, CPU seconds of this process: all threads)."""
-  start, cpu = time.perf_counter(), time.process_time()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main():
@@ -75,23 +67,14 @@ def main():
       'paste (masks.paste_masks)': lambda: masks.paste_masks(box_masks, boxes[0], HW),
       'host copy': lambda: np.asarray(pasted),
   }
-  for fn in cases.values():   # compile
-    jax.block_until_ready(fn())
-  times = {k: [] for k in cases}
-  for _ in range(args.repeats):
-    for name, fn in cases.items():
-      times[name].append(_time(fn))
+  samples = timing.interleaved(cases, args.repeats)  # after one untimed (compile) call each
   det = cases['full (exact canvas)']()[0]
   print(f'100 masks at {HW[0]}x{HW[1]} ({det["masks"].mean() * 100:.1f}% of pixels set), '
         f'median of {args.repeats}, jax {jax.__version__}, {jax.devices()[0].platform}; '
         f'load average {os.getloadavg()[0]:.1f} (CPU time is less sensitive to other processes)')
-  for name, ts in times.items():
-    wall = statistics.median(t[0] for t in ts)
-    cpu = statistics.median(t[1] for t in ts)
-    ratio = (f'  {OFFICIAL_SECONDS / wall:5.2f}x vs official {OFFICIAL_SECONDS}s'
-             if 'full' in name else '')
-    print(f'  {name:28s} wall {wall * 1000:8.1f} ms (min {min(t[0] for t in ts) * 1000:.1f})'
-          f'  cpu {cpu * 1000:8.1f} ms{ratio}')
+  timing.print_table(samples, cpu=True, extra=lambda name, t: (
+      f'  {OFFICIAL_SECONDS / t.median:5.2f}x vs official {OFFICIAL_SECONDS}s'
+      if 'full' in name else ''))
 
 
 if __name__ == '__main__':

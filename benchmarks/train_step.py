@@ -13,7 +13,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 
 def parse():
@@ -51,6 +50,7 @@ def measure(config, devices, batch, side, runs):
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
   mesh = step_lib.make_mesh(devices)
   model = models.build_model(config)
   variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
@@ -59,17 +59,14 @@ def measure(config, devices, batch, side, runs):
   state = step_lib.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
   step = step_lib.make_train_step(config, model, tx, mesh, schedule, variables['params'])
   data = step_lib.shard_batch(random_batch(config, batch, side), mesh)
-  t0 = time.perf_counter()
-  state, metrics = step(state, data)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-  return compile_s, float(np.median(times)), times, float(metrics['total'])
+  carry = {'state': state}
+
+  def one_step():  # the state threads through the calls, as in training
+    carry['state'], carry['metrics'] = step(carry['state'], data)
+    return carry['state'], carry['metrics']
+
+  t = timing.interleaved({'step': one_step}, runs)['step']  # first (compile) step in t.first
+  return t.first, float(np.median(t.wall)), t.wall, float(carry['metrics']['total'])
 
 
 def main():

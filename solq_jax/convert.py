@@ -18,14 +18,7 @@ from typing import Callable
 import numpy as np
 
 from solq_jax import checkpoint_io
-
-# ResNet depth -> (block kind, blocks per stage).
-RESNET_LAYOUT = {
-    'resnet18': ('basic', (2, 2, 2, 2)),
-    'resnet34': ('basic', (3, 4, 6, 3)),
-    'resnet50': ('bottleneck', (3, 4, 6, 3)),
-    'resnet101': ('bottleneck', (3, 4, 23, 3)),
-}
+from solq_jax.models.backbone import RESNET_LAYOUTS as RESNET_LAYOUT
 IGNORED_SUFFIXES = ('total_params', 'total_ops', 'num_batches_tracked')
 OFFICIAL_BACKBONE_PREFIX = 'backbone.0.body.'
 

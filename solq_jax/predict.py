@@ -12,7 +12,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from solq_jax import masks as masks_lib
@@ -26,14 +25,6 @@ from solq_jax.data import transforms
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-_INIT_HW = (128, 128)
-
-
-def init_variables(model, seed):
-  """Random variables of `model` (the model's own initialisers)."""
-  images = jnp.zeros((1, *_INIT_HW, 3), jnp.float32)
-  pad_mask = jnp.zeros((1, *_INIT_HW), bool)
-  return jax.jit(lambda key: model.init(key, images, pad_mask))(jax.random.key(seed))
 
 
 def _restore_train_checkpoint(directory, config):
@@ -82,7 +73,7 @@ def load_variables(config, checkpoint, model=None):
     log.warning('%s\nNO CHECKPOINT GIVEN: using RANDOMLY INITIALISED weights (seed %d). The '
                 'detections are meaningless; this is only for benchmarking.\n%s',
                 banner, config.seed, banner)
-    return init_variables(model or models.build_model(config), config.seed)
+    return models.init_variables(model or models.build_model(config), jax.random.key(config.seed))
   path = os.fspath(checkpoint)
   if os.path.isfile(path):
     if not path.endswith(('.pth', '.pt', '.bin')):

@@ -5,6 +5,11 @@ import sys
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the whole session, inherited by the subprocesses that
+# tests start (train.py runs): identical programs compile once per test run.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='solq_jax_test_cache_')
 assert 'jax' not in sys.modules, 'conftest must run before jax is imported'
 
 import pathlib  # noqa: E402

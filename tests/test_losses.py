@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.optimize
 
 from solq_jax import losses
 from test_matching import _np_giou, _np_sigmoid, _np_xyxy, np_cost, scipy_reference
@@ -246,7 +245,6 @@ def test_dice_variant(tiny_config):
   from solq_jax import masks
   config = make_config(tiny_config, vector_loss='dice', vector_loss_scale=1.0)
   coder = masks.build_coder(config.model)
-  rng = np.random.default_rng(9)
   s = config.model.mask_size
   yy, xx = np.mgrid[:s, :s]
   crops = np.stack([((yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (s / r) ** 2)

@@ -1,7 +1,6 @@
 """Matching and losses on the 8 simulated CPU devices: per-shard scipy calls through shard_map,
 equality with the unsharded results, and sharded loss/gradients equal to single-device ones."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -12,10 +12,10 @@ Separable formulation: the bilinear weight of a tap is (row weight) x (column we
 mask is first interpolated along x for all its rows (`[B,S,W]`, two gathered columns per output
 column), then along y (`[B,H,W]`, two gathered rows per output row). Two implementations with
 the same per-pixel arithmetic: 'dense' (whole batch over the whole image: accelerators) and
-'tiled' (a loop over masks, each over a tile around its box, `tiling.py`: CPU). The coordinate
-arithmetic follows torch's float32 operation order; the summation order of the four taps and
-XLA:CPU's division (not correctly rounded) can differ in the last bit, which matters only for a
-value within float32 rounding of the 0.5 threshold.
+'tiled' (a loop over masks, each over strips of rows of a column band around its box,
+`tiling.strip_loop`: CPU). The coordinate arithmetic follows torch's float32 operation order;
+the summation order of the four taps and XLA:CPU's division (not correctly rounded) can differ
+in the last bit, which matters only for a value within float32 rounding of the 0.5 threshold.
 """
 import functools
 
@@ -43,18 +43,28 @@ def _axis_taps(xp, lo, hi, pixels, mask_size):
   return i0, i1, w0, w1
 
 
-def _paste_pixels(xp, masks, boxes, ys, xs, threshold):
-  """Pasted values `>= threshold` at pixel rows `ys [B|1,Ty]` x columns `xs [B|1,Tx]` -> `[B,Ty,Tx]`."""
-  size = masks.shape[-1]
-  x0, x1, wx0, wx1 = _axis_taps(xp, boxes[:, 0], boxes[:, 2], xs, size)
-  y0, y1, wy0, wy1 = _axis_taps(xp, boxes[:, 1], boxes[:, 3], ys, size)
+def _column_pass(xp, masks, boxes, xs):
+  """Masks `[B,S,S]` interpolated along x at pixel columns `xs [B|1,Tx]` -> `[B,S,Tx]`."""
+  x0, x1, wx0, wx1 = _axis_taps(xp, boxes[:, 0], boxes[:, 2], xs, masks.shape[-1])
   cols = (wx0[:, None, :] * xp.take_along_axis(masks, x0[:, None, :], axis=2)
           + wx1[:, None, :] * xp.take_along_axis(masks, x1[:, None, :], axis=2))   # [B,S,Tx]
   if xp is jnp:   # materialise: fused into the next gather, XLA would recompute it per pixel
     cols = jax.lax.optimization_barrier(cols)
+  return cols
+
+
+def _row_pass(xp, cols, boxes, ys, threshold):
+  """`_column_pass` output interpolated along y at pixel rows `ys [B|1,Ty]`, `>= threshold`
+  -> `[B,Ty,Tx]`."""
+  y0, y1, wy0, wy1 = _axis_taps(xp, boxes[:, 1], boxes[:, 3], ys, cols.shape[1])
   image = (wy0[:, :, None] * xp.take_along_axis(cols, y0[:, :, None], axis=1)
            + wy1[:, :, None] * xp.take_along_axis(cols, y1[:, :, None], axis=1))  # [B,Ty,Tx]
   return image >= threshold
+
+
+def _paste_pixels(xp, masks, boxes, ys, xs, threshold):
+  """Pasted values `>= threshold` at pixel rows `ys [B|1,Ty]` x columns `xs [B|1,Tx]` -> `[B,Ty,Tx]`."""
+  return _row_pass(xp, _column_pass(xp, masks, boxes, xs), boxes, ys, threshold)
 
 
 def _paste_dense(xp, masks, boxes, image_hw, threshold):
@@ -65,21 +75,26 @@ def _paste_dense(xp, masks, boxes, image_hw, threshold):
 
 
 def _paste_tiled(masks, boxes, image_hw, threshold):
-  """One mask at a time over a tile holding its region (`tiling.py`): the fast path on CPU.
+  """One mask at a time over the rows of its region (`tiling.strip_loop`): the fast path on CPU.
 
-  Same per-pixel arithmetic as `_paste_dense`; pixels outside detectron2's region stay False,
-  as in detectron2's CPU paste (their value is < 0.5 for masks in [0, 1]).
+  Per mask, the column pass runs once over a band of columns holding its region, then the row
+  pass fills the region's rows strip by strip. Same per-pixel arithmetic as `_paste_dense`;
+  pixels outside detectron2's region stay False, as in detectron2's CPU paste (their value is
+  < 0.5 for masks in [0, 1]).
   """
-  def make_branch(tile_h, tile_w):
-    def paste_one(out, i, oy, ox):
-      ys = (jnp.arange(tile_h, dtype=jnp.int32) + oy)[None, :]
-      xs = (jnp.arange(tile_w, dtype=jnp.int32) + ox)[None, :]
-      tile = _paste_pixels(jnp, masks[i][None], boxes[i][None], ys, xs, threshold)
-      return jax.lax.dynamic_update_slice(out, tile, (i, oy, ox))
-    return paste_one
+  def prepare(i, ox, band_w):
+    box = jax.lax.dynamic_slice_in_dim(boxes, i, 1)
+    xs = (jnp.arange(band_w, dtype=jnp.int32) + ox)[None, :]
+    return box, _column_pass(jnp, masks[i][None], box, xs)
+
+  def write_strip(out, state, i, oy, ox, strip_h):
+    box, cols = state
+    ys = (jnp.arange(strip_h, dtype=jnp.int32) + oy)[None, :]
+    return jax.lax.dynamic_update_slice(out, _row_pass(jnp, cols, box, ys, threshold),
+                                        (i, oy, ox))
 
   init = jnp.zeros((masks.shape[0],) + tuple(image_hw), bool)
-  return tiling.tiled_loop(boxes, image_hw, make_branch, init)
+  return tiling.strip_loop(boxes, image_hw, prepare, write_strip, init)
 
 
 @functools.partial(jax.jit, static_argnames=('image_hw', 'threshold', 'impl'))
@@ -96,7 +111,7 @@ def paste_masks(masks, boxes_xyxy, image_hw, threshold=0.5, impl='auto'):
   clipped) of an image of static size `image_hw = (H, W)` -> bool `[B,H,W]` (jnp, jit-able).
 
   `impl`: 'dense' (all masks over the whole image at once: accelerators), 'tiled' (a loop over
-  masks, each over a tile around its box: less work on CPU), 'auto' (tiled on CPU). Both
+  masks, each over row strips around its box: less work on CPU), 'auto' (tiled on CPU). Both
   give the same pixels. A zero-width/height or non-finite box pastes an empty mask.
   """
   image_hw = (int(image_hw[0]), int(image_hw[1]))

@@ -3,7 +3,8 @@
 Dense batched code does `[B, H, W]` work, although an object only touches the pixels around its
 box. On CPU it is faster to loop over objects and work on a square tile holding the box's region,
 with the tile side picked per object from a few static sizes (`lax.switch`), so every branch has
-static shapes. Results are identical to the dense code: the same per-pixel arithmetic, and the
+static shapes (`tiled_loop`, the crop). The paste uses `strip_loop`: a column band of a static
+width, filled in strips of rows, which covers the region more tightly. Results are identical to the dense code: the same per-pixel arithmetic, and the
 pixels outside the region are provably untouched (crop) or below threshold (paste).
 """
 import jax
@@ -69,6 +70,52 @@ def tiled_loop(boxes, image_hw, make_branch, init):
       oy = jnp.clip(y_start[i], 0, height - tile_h)
       ox = jnp.clip(x_start[i], 0, width - tile_w)
       return fn(out, i, oy, ox)
+    return run
+
+  branches = [branch(side) for side in sides]
+  return jax.lax.fori_loop(0, boxes.shape[0],
+                           lambda i, out: jax.lax.switch(bucket[i], branches, out, i), init)
+
+
+# Widths of the column band of `strip_loop` (then the whole axis); rows go in strips.
+BAND_WIDTHS = (64, 128, 192, 256, 384, 512, 768)
+
+
+def strip_loop(boxes, image_hw, prepare, write_strip, init, strip_height=64):
+  """`for i: state = prepare(i, ox, tw); for each strip: out = write_strip(out, state, i, oy, ox)`.
+
+  Finer than `tiled_loop` (about 4x fewer pixels for COCO-like boxes): object `i`'s region is
+  covered by a column band of static width `tw` (the smallest of `BAND_WIDTHS` holding it,
+  picked by `lax.switch`) at column `ox`, cut into `ceil(rows / strip_height)` strips of
+  `strip_height` rows starting at row `oy` (clipped to the image, so the last strip may overlap
+  the previous one). `prepare` runs once per object (e.g. the column pass of the paste).
+
+  Args:
+    boxes: `[B,4]` xyxy.
+    image_hw: static (H, W) of the array the strips index.
+    prepare: `(i, ox, tw) -> state` for a static band width `tw`.
+    write_strip: `(out, state, i, oy, ox, th) -> out` for a static strip height `th`.
+    init: the initial carry (e.g. the zero output).
+    strip_height: static rows per strip.
+  """
+  if boxes.shape[0] == 0:
+    return init
+  height, width = image_hw
+  sides = [t for t in BAND_WIDTHS if t < width] + [width]
+  strip_h = min(strip_height, height)
+  y_start, y_extent = box_region(boxes[:, 1], boxes[:, 3], height)
+  x_start, x_extent = box_region(boxes[:, 0], boxes[:, 2], width)
+  bucket = jnp.searchsorted(jnp.asarray(sides), x_extent)
+
+  def branch(band_w):
+    def run(out, i):
+      ox = jnp.clip(x_start[i], 0, width - band_w)
+      state = prepare(i, ox, band_w)
+
+      def body(k, out):
+        oy = jnp.clip(y_start[i] + k * strip_h, 0, height - strip_h)
+        return write_strip(out, state, i, oy, ox, strip_h)
+      return jax.lax.fori_loop(0, (y_extent[i] + strip_h - 1) // strip_h, body, out)
     return run
 
   branches = [branch(side) for side in sides]

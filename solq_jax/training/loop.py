@@ -115,8 +115,12 @@ class Trainer:
     main = distributed.is_main_process()
     state = self.initial_state()
     ckpt = self.checkpointer(workdir)
+    try:
+      restored = ckpt.restore_latest(self._state_template)
+    except checkpoint_lib.CheckpointError:
+      ckpt.close()
+      raise
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
-    restored = ckpt.restore_latest(self._state_template)
     iterator = self.data.iterator()
     start = 0
     if restored is not None:

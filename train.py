@@ -6,6 +6,8 @@
 
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
+import logging as py_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -15,10 +17,20 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experime
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'checkpoints, metrics and eval results')
 
 
+class _LibraryInfoFilter(py_logging.Filter):
+  """Keeps the console readable: INFO lines of orbax and JAX internals are dropped (their
+  warnings and errors still show)."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or not any(
+        part in record.pathname for part in ('/orbax/', '/jax/_src/'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
   from solq_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.train)  # before any other JAX call

@@ -264,3 +264,21 @@ def test_train_steps_and_evaluation_from_tfds(dataset):
   for key in ('bbox/AP', 'segm/AP'):
     assert 0.0 <= ev['summary'][key] <= 1.0, (key, ev['summary'][key])
   assert 'tensorflow' not in sys.modules
+
+
+def test_trainer_records_the_label_map_in_the_workdir(dataset, tmp_path):
+  """The training loop writes the TFDS label -> class mapping next to its checkpoints; a COCO
+  source (raw category ids, no remapping) writes none."""
+  import types  # pylint: disable=g-import-not-at-top
+  from solq_jax.training import loop  # pylint: disable=g-import-not-at-top
+  config = tfds_config(dataset)
+  source = tfds_source.build_source(config, 'val2017')
+  loop.Trainer._record_label_map(types.SimpleNamespace(data=types.SimpleNamespace(source=source)),
+                                 tmp_path / 'tfds_run')
+  assert json.loads((tmp_path / 'tfds_run' / 'label_map.json').read_text()) == json.loads(
+      json.dumps(source.label_map()))
+  coco_source = types.SimpleNamespace()  # no label_map attribute, like data.coco.CocoSource
+  assert not hasattr(coco.CocoSource, 'label_map')
+  loop.Trainer._record_label_map(
+      types.SimpleNamespace(data=types.SimpleNamespace(source=coco_source)), tmp_path / 'coco_run')
+  assert not (tmp_path / 'coco_run').exists()

@@ -221,9 +221,10 @@ def test_paste_matches_torchvision_fixture():
 
 
 def test_tiled_equals_dense_on_many_boxes():
-  """Tiles of every size (incl. the whole image), boxes crossing the edges, flipped boxes."""
+  """Crop tiles and paste strips of every size (incl. the whole image), boxes crossing the edges,
+  flipped boxes."""
   rng = np.random.default_rng(5)
-  height, width, num = 90, 300, 24     # tiles of 64, 128, 256 and the whole image
+  height, width, num = 90, 300, 24     # crop tiles 64..whole image; paste: 2 strips of 64 rows, bands up to 300
   mask = _blobs(rng, num, height, width)
   x0, y0 = rng.uniform(-40, width, num), rng.uniform(-30, height, num)
   boxes = np.stack([x0, y0, x0 + rng.uniform(-20, 320, num), y0 + rng.uniform(-10, 100, num)], 1)

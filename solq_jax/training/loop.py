@@ -7,6 +7,7 @@ A `Trainer` can `fit` several work directories (tests reuse its compiled step). 
 function of (config, step): the batch of step s comes from the data pipeline's step s, the
 dropout key is fold_in(rng, s), so a run resumed from a checkpoint continues exactly.
 """
+import json
 import logging
 import pathlib
 import time
@@ -103,6 +104,14 @@ class Trainer:
 
   # -- the loop ------------------------------------------------------------------------------
 
+  def _record_label_map(self, workdir):
+    """Writes the dataset-label -> class-index mapping of sources that remap labels (TFDS)
+    next to the checkpoints, so a checkpoint's class indices can be read back."""
+    label_map = getattr(self.data.source, 'label_map', None)
+    if label_map is not None:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / 'label_map.json').write_text(json.dumps(label_map(), indent=1))
+
   def fit(self, workdir, stop_at_step: int = 0) -> Dict[str, Any]:
     """Trains from the newest checkpoint in `workdir` (or from scratch) up to the stop step
     (`stop_at_step`, else `train.stop_at_step`, else the end).
@@ -121,6 +130,8 @@ class Trainer:
       ckpt.close()
       raise
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
+    if main:
+      self._record_label_map(workdir)
     iterator = self.data.iterator()
     start = 0
     if restored is not None:

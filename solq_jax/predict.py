@@ -74,7 +74,7 @@ def load_variables(config, checkpoint, model=None):
                 'detections are meaningless; this is only for benchmarking.\n%s',
                 banner, config.seed, banner)
     return models.init_variables(model or models.build_model(config), jax.random.key(config.seed))
-  path = os.fspath(checkpoint)
+  path = os.path.abspath(os.fspath(checkpoint))  # orbax metadata needs an absolute path
   if os.path.isfile(path):
     if not path.endswith(('.pth', '.pt', '.bin')):
       raise ValueError(f'checkpoint file {path} is not an official SOLQ .pth')

@@ -145,8 +145,9 @@ def test_bad_inputs(tiny_config, tmp_path):
     predict.load_variables(tiny_config, str(tmp_path / 'empty_dir'))
 
 
-def test_restore_from_a_training_checkpoint(tiny_config, tmp_path):
-  """A training run's orbax directory (saved replicated over 8 devices) -> params and buffers."""
+def test_restore_from_a_training_checkpoint(tiny_config, tmp_path, monkeypatch):
+  """A training run's orbax directory (saved replicated over 8 devices) -> params and buffers,
+  also when named by a relative path (as `eval.py --checkpoint runs/x/checkpoints`)."""
   import optax  # pylint: disable=g-import-not-at-top
   from solq_jax.training import checkpoint as train_ckpt  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -161,6 +162,9 @@ def test_restore_from_a_training_checkpoint(tiny_config, tmp_path):
   restored = predict.load_variables(tiny_config, str(tmp_path / 'run'))
   assert jax.tree.structure(restored) == jax.tree.structure(variables)
   jax.tree.map(np.testing.assert_array_equal, restored, variables)
+  monkeypatch.chdir(tmp_path)
+  relative = predict.load_variables(tiny_config, 'run')
+  jax.tree.map(np.testing.assert_array_equal, relative, variables)
   other = tiny_config.copy_and_resolve_references()
   other.model.nheads = 2                         # same parameter shapes, another model
   with pytest.raises(ValueError, match='nheads'):

@@ -82,6 +82,15 @@ def _compact(anns):
   return json.dumps([{k: a.get(k) for k in keys} for a in anns]).encode()
 
 
+
+def instances(masks, boxes, labels, h, w):
+  """The per-image targets record every source returns: bool masks [N,h,w], float32 xyxy boxes
+  [N,4] and int32 labels [N] (well-formed empty arrays when N = 0)."""
+  return dict(
+      masks=np.stack(masks) if masks else np.zeros((0, h, w), bool),
+      boxes=np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
+      labels=np.array(labels, np.int32))
+
 class CocoSource:
   """Random access to the samples of one split of a COCO-format dataset."""
 
@@ -169,10 +178,7 @@ class CocoSource:
       masks.append(mask)
       boxes.append(box)
       labels.append(ann['category_id'])
-    return dict(
-        masks=np.stack(masks) if masks else np.zeros((0, h, w), bool),
-        boxes=np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
-        labels=np.array(labels, np.int32))
+    return instances(masks, boxes, labels, h, w)
 
   def load(self, index):
     """Sample of record `index`: PIL RGB image, masks, boxes, labels, image_id, orig_size."""

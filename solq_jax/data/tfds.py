@@ -282,10 +282,7 @@ class TfdsSource:
       keep_m.append(mask)
       keep_b.append(box)
       keep_l.append(labels[k] + self.label_offset)
-    return dict(
-        masks=np.stack(keep_m) if keep_m else np.zeros((0, h, w), bool),
-        boxes=np.stack(keep_b).astype(np.float32) if keep_b else np.zeros((0, 4), np.float32),
-        labels=np.array(keep_l, np.int32))
+    return coco_source.instances(keep_m, keep_b, keep_l, h, w)
 
   def annotations(self, index):
     """Targets of record `index`: masks, boxes (xyxy), labels (model class indices)."""

@@ -7,6 +7,7 @@
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
 import logging as py_logging
+import os
 
 from absl import app
 from absl import flags
@@ -15,6 +16,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'checkpoints, metrics and eval results')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', '.cache/jax_compilation',
+    "JAX's persistent compilation cache: a re-run (or a resume) skips most compiling "
+    "('' = off; the JAX_COMPILATION_CACHE_DIR environment variable wins)")
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -32,6 +37,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
+  import jax  # pylint: disable=g-import-not-at-top
+  if _CACHE.value and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
   from solq_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.train)  # before any other JAX call
   from solq_jax.training import loop  # pylint: disable=g-import-not-at-top

@@ -159,7 +159,8 @@ def part2(mesh, rounds, size, matchers):
     data = data or synthetic_batch(rng, config, batch, size)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), data['images'][:1],
                                     data['pad_mask'][:1])
-    tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000)
+    tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
+                                     config.model.backbone_frozen_stages)
     schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
     states[matcher] = step_lib.replicate(state_lib.create(variables, tx, np.array([0, 42])), mesh)
     steps[matcher] = step_lib.make_train_step(config, model, tx, mesh, schedule,

@@ -11,6 +11,7 @@ steps after one warm-up (compile) step.
 """
 import argparse
 import os
+import resource
 import subprocess
 import sys
 
@@ -54,7 +55,8 @@ def measure(config, devices, batch, side, runs):
   mesh = step_lib.make_mesh(devices)
   model = models.build_model(config)
   variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
-  tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000)
+  tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
+                                     config.model.backbone_frozen_stages)
   schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
   state = step_lib.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
   step = step_lib.make_train_step(config, model, tx, mesh, schedule, variables['params'])
@@ -65,8 +67,11 @@ def measure(config, devices, batch, side, runs):
     carry['state'], carry['metrics'] = step(carry['state'], data)
     return carry['state'], carry['metrics']
 
-  t = timing.interleaved({'step': one_step}, runs)['step']  # first (compile) step in t.first
-  return t.first, float(np.median(t.wall)), t.wall, float(carry['metrics']['total'])
+  t = timing.interleaved({'step': one_step}, 0)['step']  # the first (compile) step: t.first
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  t.wall = timing.interleaved({'step': one_step}, runs, warmup=False)['step'].wall
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(runs, 1)
+  return t.first, float(np.median(t.wall)), t.wall, float(carry['metrics']['total']), faults
 
 
 def main():
@@ -83,11 +88,11 @@ def main():
   config = solq_r50.get_config() if args.part == 'r50' else tiny.get_config()
   side = args.size or (512 if args.part == 'r50' else 256)
   batch = args.batch or (1 if args.part == 'r50' else 8)
-  compile_s, median, times, loss = measure(config, args.devices, batch, side, args.runs)
+  compile_s, median, times, loss, faults = measure(config, args.devices, batch, side, args.runs)
   line = (f'{args.part}: {side}x{side} batch {batch} on {args.devices} device(s): median step '
           f'{median:.3f} s ({batch / median:.2f} images/s) over {args.runs} runs '
           f'[{", ".join(f"{t:.2f}" for t in times)}]; first step (compile) {compile_s:.1f} s; '
-          f'loss {loss:.3f}')
+          f'loss {loss:.3f}; {faults:.0f} page faults per step')
   if args.part == 'r50':
     line += f'; official PyTorch 7.97 s -> {7.97 / median:.2f}x'
   print(line, flush=True)

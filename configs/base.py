@@ -11,6 +11,10 @@ def model_config() -> ml_collections.ConfigDict:
   """The network (solq_jax.models) and its mask coder (solq_jax.masks)."""
   return ml_collections.ConfigDict(dict(
       backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101
+      # Training from scratch (no pretrained weights): 'group_norm' trains a GroupNorm where the
+      # official model has frozen batch norm, and 0 frozen stages trains the stem and layer1 too.
+      backbone_norm='frozen_bn',    # frozen_bn (official; torchvision/official weights) | group_norm
+      backbone_frozen_stages=1,     # official: stem + layer1 frozen; 0..4
       hidden_dim=384,               # d_model (official SOLQ uses 384, not 256)
       nheads=8,
       enc_layers=6,
@@ -109,6 +113,10 @@ def data_config() -> ml_collections.ConfigDict:
       synthetic_val_images=128,
       synthetic_min_size=192,       # image sides are drawn uniformly from [min, max]
       synthetic_max_size=320,
+      synthetic_max_objects=8,      # shapes per image: uniform in 1..max (fewer if occluded away)
+      synthetic_min_object=6.0,     # shape sizes: log-uniform in [min px, max_frac * short side]
+      synthetic_max_object_frac=0.9,
+      synthetic_texture=1.0,        # scales background/shape texture and pixel noise (0 = flat)
   ))
 
 
@@ -122,7 +130,7 @@ def train_config() -> ml_collections.ConfigDict:
       lr_linear_proj_mult=0.1,      # sampling_offsets and reference_points
       weight_decay=1e-4,
       clip_max_norm=0.1,
-      lr_drop_epoch=40,
+      lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
       adam_b1=0.9,
       adam_b2=0.999,

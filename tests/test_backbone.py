@@ -146,3 +146,52 @@ def test_shapes_and_layout(name, blocks, channels):
 def test_unknown_backbone_is_named():
   with pytest.raises(ValueError, match='resnet152'):
     jax.eval_shape(ResNet('resnet152').init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def _stage_grads(norm, frozen_stages):
+  model = ResNet('resnet18', norm=norm, frozen_stages=frozen_stages)
+  x = RNG.standard_normal((2, 33, 41, 3)).astype(np.float32)
+  v = model.init(jax.random.key(1), x)
+  loss = lambda p: sum(jnp.sum(f ** 2) for f in model.apply({**v, 'params': p}, x))
+  grads = jax.grad(loss)(v['params'])
+  return v, {k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(sub)))
+             for k, sub in grads.items()}
+
+
+@pytest.mark.parametrize('frozen_stages', [0, 2])
+def test_frozen_stages_knob(frozen_stages):
+  """Gradient reaches exactly the modules after the frozen stages (0: the stem too)."""
+  _, g = _stage_grads('frozen_bn', frozen_stages)
+  for name, total in g.items():
+    stage = 1 if name == 'conv1' else int(name[len('layer')])  # the stem goes with layer1
+    assert (total > 0) == (stage > frozen_stages), (name, total)
+
+
+def test_group_norm_backbone_trains_its_norms():
+  """norm='group_norm': GroupNorm scale/bias are params (no buffers), normalise per group of
+  32 channels, and get gradients; the FrozenBN model has the same conv kernels."""
+  v, g = _stage_grads('group_norm', 0)
+  assert 'buffers' not in v
+  assert set(v['params']['bn1']) == {'scale', 'bias'} and g['bn1'] > 0
+  frozen = ResNet('resnet18').init(jax.random.key(1), jnp.zeros((1, 33, 41, 3)))
+  kernels = lambda t: {jax.tree_util.keystr(p): x.shape for p, x in
+                       jax.tree_util.tree_flatten_with_path(t)[0] if 'kernel' in str(p)}
+  assert kernels(v['params']) == kernels(frozen['params'])
+  # The stem's GroupNorm against numpy: per image and group of 2 channels, zero mean, unit var.
+  model = ResNet('resnet18', norm='group_norm', frozen_stages=0)
+  x = RNG.standard_normal((2, 33, 41, 3)).astype(np.float32)
+  _, state = model.apply(v, x, capture_intermediates=True, mutable=['intermediates'])
+  pre = np.asarray(state['intermediates']['conv1']['__call__'][0], np.float64)
+  post = np.asarray(state['intermediates']['bn1']['__call__'][0], np.float64)
+  grouped = pre.reshape(2, -1, 32, 2)
+  want = (grouped - grouped.mean((1, 3), keepdims=True)) / np.sqrt(
+      grouped.var((1, 3), keepdims=True) + 1e-5)
+  np.testing.assert_allclose(post, want.reshape(pre.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_backbone_knobs_are_named():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match='backbone_norm'):
+    jax.eval_shape(ResNet('resnet18', norm='batch_norm').init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match='backbone_frozen_stages'):
+    jax.eval_shape(ResNet('resnet18', frozen_stages=5).init, jax.random.key(0), x)

@@ -107,6 +107,24 @@ def test_generated_dataset_is_not_trivial(tmp_path):
   assert border / n > 0.15 and overlapping > 20 and multipart > 0
 
 
+def test_generated_object_count_and_size_knobs(tmp_path):
+  """max_objects caps the annotations per image; min_object / max_object_frac bound the drawn
+  shape sizes (a visible part is at most the shape: a rotated rectangle's box is at most its
+  diagonal, sqrt(2) * size); bad values are named."""
+  synthetic.write_split(tmp_path, 's', 24, seed=2, min_size=96, max_size=128, max_objects=2,
+                        min_object=30.0, max_object_frac=0.5)
+  c = coco_api.COCO(str(tmp_path / 'annotations' / 'instances_s.json'))
+  assert max(len(c.imgToAnns[i]) for i in c.imgs) == 2
+  sides = np.array([max(a['bbox'][2:]) for a in c.anns.values()])
+  caps = np.array([np.sqrt(2) * 0.5 * min(c.imgs[a['image_id']]['height'],
+                                         c.imgs[a['image_id']]['width']) + 2
+                   for a in c.anns.values()])
+  assert (sides <= caps).all()
+  assert np.median(sides) > 20  # shapes start at 30 px (occlusion and borders cut some)
+  with pytest.raises(ValueError, match='min_object'):
+    synthetic.write_split(tmp_path, 't', 1, seed=2, min_size=96, max_size=128, min_object=90.0)
+
+
 def test_ensure_dataset_writes_once_reuses_and_repairs(tmp_path):
   config = tiny.get_config()
   d = config.data

@@ -63,6 +63,23 @@ def test_groups_by_path():
     opt.param_labels({'encoder': {'w': jnp.zeros(2)}})
 
 
+@pytest.mark.parametrize('frozen_stages', [0, 1, 2, 4])
+def test_frozen_stages_set_the_frozen_group(frozen_stages):
+  """`model.backbone_frozen_stages`: stem + layer1..k frozen; a GroupNorm stem (bn1) with it."""
+  params = contract_params(np.random.default_rng(0))
+  params['backbone']['bn1'] = {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}
+  labels = opt.param_labels(params, frozen_stages)
+  b = labels['backbone']
+  want = lambda stage: opt.FROZEN if stage <= frozen_stages else opt.BACKBONE
+  assert b['conv1']['kernel'] == b['bn1']['scale'] == want(1)  # the stem goes with layer1
+  assert b['layer1_0']['conv2']['kernel'] == want(1)
+  assert b['layer2_0']['downsample']['kernel'] == want(2)
+  assert b['layer4_1']['conv2']['kernel'] == want(4)
+  mask = opt.trainable_mask(params, frozen_stages)
+  assert mask['backbone']['layer2_0']['conv1']['kernel'] == (frozen_stages < 2)
+  assert mask['class_embed_0']['kernel']
+
+
 def reference_adamw(params, grads_per_step, labels, t, spe):
   """numpy: torch clip_grad_norm_ (trained params only), AdamW per group, StepLR per epoch."""
   flat_p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]

@@ -141,16 +141,19 @@ def mask_to_polygons(mask, offset=(0, 0)):
   return parts
 
 
-def _generate_image(rng, height, width, max_objects):
+def _generate_image(rng, height, width, max_objects, min_object=6.0, max_object_frac=0.9,
+                    texture=1.0):
   """uint8 image [H,W,3] and its instances [(category, visible mask, (x0, y0))], each visible
-  mask a tight bool crop whose top-left pixel is (x0, y0)."""
-  image = _texture(rng, height, width, rng.uniform(40, 215, 3), 60.0).copy()
+  mask a tight bool crop whose top-left pixel is (x0, y0). Shape sizes (diameter-like) are
+  log-uniform in [min_object px, max_object_frac * shorter side]. `texture` scales every
+  texture and noise amplitude (0: flat colours)."""
+  image = _texture(rng, height, width, rng.uniform(40, 215, 3), 60.0 * texture).copy()
   owner = np.zeros((height, width), np.int32)
   shapes = []
   for k in range(1, int(rng.integers(1, max_objects + 1)) + 1):
     category = int(rng.integers(1, len(CATEGORIES) + 1))
     side = min(height, width)
-    size = float(np.exp(rng.uniform(np.log(6), np.log(0.9 * side))))
+    size = float(np.exp(rng.uniform(np.log(min_object), np.log(max_object_frac * side))))
     cx = rng.uniform(-0.15 * size, width + 0.15 * size)
     cy = rng.uniform(-0.15 * size, height + 0.15 * size)
     canvas = Image.new('L', (width, height), 0)
@@ -161,10 +164,10 @@ def _generate_image(rng, height, width, max_objects):
     box = np.s_[bbox[1]:bbox[3], bbox[0]:bbox[2]]
     drawn = np.asarray(canvas.crop(bbox), bool)
     owner[box][drawn] = k
-    fill = _texture(rng, *drawn.shape, rng.uniform(0, 255, 3), rng.uniform(10, 50))
+    fill = _texture(rng, *drawn.shape, rng.uniform(0, 255, 3), rng.uniform(10, 50) * texture)
     image[box][drawn] = fill[drawn]
     shapes.append((k, category, box))
-  noise = np.float32(rng.uniform(2, 20))
+  noise = np.float32(rng.uniform(2, 20) * texture)
   image += rng.standard_normal((height, width, 3), dtype=np.float32) * noise
   instances = []
   for k, category, box in shapes:
@@ -177,8 +180,15 @@ def _generate_image(rng, height, width, max_objects):
   return np.clip(image, 0, 255, out=image).astype(np.uint8), instances
 
 
-def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8):
-  """Write `root/annotations/instances_<split>.json` and `root/<split>/*.jpg`."""
+def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8, min_object=6.0,
+                max_object_frac=0.9, texture=1.0):
+  """Write `root/annotations/instances_<split>.json` and `root/<split>/*.jpg` (object count,
+  size and texture arguments: see `_generate_image`)."""
+  if not (max_objects >= 1 and 1 <= min_object < max_object_frac * min_size and texture >= 0):
+    raise ValueError(
+        f'generated dataset: need max_objects >= 1, 1 <= min_object < max_object_frac * '
+        f'min_size and texture >= 0; got max_objects={max_objects}, min_object={min_object}, '
+        f'max_object_frac={max_object_frac}, min_size={min_size}, texture={texture}')
   root = pathlib.Path(root)
   (root / 'annotations').mkdir(parents=True, exist_ok=True)
   (root / split).mkdir(parents=True, exist_ok=True)
@@ -187,7 +197,8 @@ def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8
   for i in range(num_images):
     rng = np.random.default_rng([seed, tag, i])
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
-    pixels, instances = _generate_image(rng, h, w, max_objects)
+    pixels, instances = _generate_image(rng, h, w, max_objects, min_object, max_object_frac,
+                                        texture)
     image_id = i + 1
     file_name = f'{image_id:06d}.jpg'
     Image.fromarray(pixels).save(root / split / file_name, quality=92)
@@ -208,6 +219,10 @@ def _params(data_config):
   d = data_config
   return {'version': GENERATOR_VERSION, 'seed': int(d.synthetic_seed),
           'min_size': int(d.synthetic_min_size), 'max_size': int(d.synthetic_max_size),
+          'max_objects': int(d.synthetic_max_objects),
+          'min_object': float(d.synthetic_min_object),
+          'max_object_frac': float(d.synthetic_max_object_frac),
+          'texture': float(d.synthetic_texture),
           'splits': {d.train_split: int(d.synthetic_train_images),
                      d.val_split: int(d.synthetic_val_images)}}
 
@@ -251,7 +266,9 @@ def ensure_dataset(data_config):
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + '.tmp', dir=cache))
   try:
     for split, n in params['splits'].items():
-      write_split(tmp, split, n, params['seed'], params['min_size'], params['max_size'])
+      write_split(tmp, split, n, params['seed'], params['min_size'], params['max_size'],
+                  params['max_objects'], params['min_object'], params['max_object_frac'],
+                  params['texture'])
     with open(tmp / 'manifest.json', 'w') as f:
       json.dump({'params': params, 'files': _fingerprint(tmp, params)}, f)
     if root.exists():

@@ -8,6 +8,11 @@ stage maps a size n to ceil(n/2), as torch does with these paddings.
 The batch-norm constants are not parameters: they live in the `buffers` collection and are never
 trained. The stem and layer1 are frozen in the official model; gradients are stopped at the
 output of layer1, so no backward pass ever runs through them.
+
+Two knobs exist for training WITHOUT pretrained weights (the CPU demo): `norm='group_norm'`
+replaces every frozen batch norm with a trained GroupNorm (same module names, its scale and bias
+in `params`), because a random ResNet behind identity batch norms is unnormalised; and
+`frozen_stages` (official 1: stem + layer1) sets how many stages get no gradient (0 = none).
 """
 import flax.linen as nn
 import jax
@@ -22,6 +27,8 @@ RESNET_LAYOUTS = {
 }
 _WIDTHS = (64, 128, 256, 512)
 BN_EPS = 1e-5
+NORMS = ('frozen_bn', 'group_norm')
+GN_GROUPS = 32
 
 
 def resnet_layout(name: str):
@@ -64,19 +71,32 @@ class FrozenBatchNorm(nn.Module):
     return x * s + (bias - mean * s)
 
 
+def norm_layer(kind: str, name: str) -> nn.Module:
+  """The backbone's normalisation after a conv: `FrozenBatchNorm` or a trained `GroupNorm`."""
+  if kind == 'frozen_bn':
+    return FrozenBatchNorm(name=name)
+  if kind == 'group_norm':
+    return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=BN_EPS, name=name)
+  raise ValueError(f'config.model.backbone_norm must be one of {NORMS}, got {kind!r}')
+
+
 class _Block(nn.Module):
   """A residual block: `relu(body(x) + shortcut(x))`, the shortcut a strided 1x1 conv + BN
   (`downsample`, `downsample_bn`) when the shape changes."""
   width: int
   stride: int = 1
   downsample: bool = False
+  norm: str = 'frozen_bn'
   expansion = 1
+
+  def bn(self, name):
+    return norm_layer(self.norm, name)
 
   def shortcut(self, x):
     if not self.downsample:
       return x
     out = conv(self.width * self.expansion, 1, self.stride, 'downsample')(x)
-    return FrozenBatchNorm(name='downsample_bn')(out)
+    return self.bn('downsample_bn')(out)
 
 
 class BasicBlock(_Block):
@@ -84,8 +104,8 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(FrozenBatchNorm(name='bn1')(conv(self.width, 3, self.stride, 'conv1')(x)))
-    out = FrozenBatchNorm(name='bn2')(conv(self.width, 3, 1, 'conv2')(out))
+    out = nn.relu(self.bn('bn1')(conv(self.width, 3, self.stride, 'conv1')(x)))
+    out = self.bn('bn2')(conv(self.width, 3, 1, 'conv2')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -95,9 +115,9 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(FrozenBatchNorm(name='bn1')(conv(self.width, 1, 1, 'conv1')(x)))
-    out = nn.relu(FrozenBatchNorm(name='bn2')(conv(self.width, 3, self.stride, 'conv2')(out)))
-    out = FrozenBatchNorm(name='bn3')(conv(self.width * self.expansion, 1, 1, 'conv3')(out))
+    out = nn.relu(self.bn('bn1')(conv(self.width, 1, 1, 'conv1')(x)))
+    out = nn.relu(self.bn('bn2')(conv(self.width, 3, self.stride, 'conv2')(out)))
+    out = self.bn('bn3')(conv(self.width * self.expansion, 1, 1, 'conv3')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -107,12 +127,17 @@ _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 class ResNet(nn.Module):
   """ResNet body; returns `[layer2, layer3, layer4]` feature maps, NHWC."""
   name_: str = 'resnet50'
+  norm: str = 'frozen_bn'
+  frozen_stages: int = 1        # stem + layer1 .. layer{frozen_stages} get no gradient
 
   @nn.compact
   def __call__(self, x):
     kind, blocks = resnet_layout(self.name_)
     block_cls = _BLOCKS[kind]
-    x = nn.relu(FrozenBatchNorm(name='bn1')(conv(64, 7, 2, 'conv1')(x)))
+    if not 0 <= self.frozen_stages <= 4:
+      raise ValueError('config.model.backbone_frozen_stages must be in 0..4 (0: train the '
+                       f'whole backbone; 1: stem + layer1 frozen), got {self.frozen_stages}')
+    x = nn.relu(norm_layer(self.norm, 'bn1')(conv(64, 7, 2, 'conv1')(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_channels = 64
     outputs = []
@@ -121,10 +146,11 @@ class ResNet(nn.Module):
       for k in range(n):
         stride = 2 if (stage > 0 and k == 0) else 1
         needs_downsample = k == 0 and (stride != 1 or in_channels != out_channels)
-        x = block_cls(width, stride, needs_downsample, name=f'layer{stage + 1}_{k}')(x)
+        x = block_cls(width, stride, needs_downsample, self.norm,
+                      name=f'layer{stage + 1}_{k}')(x)
         in_channels = out_channels
-      if stage == 0:
-        x = jax.lax.stop_gradient(x)  # stem and layer1 are frozen
-      else:
+      if stage + 1 == self.frozen_stages:
+        x = jax.lax.stop_gradient(x)  # the stem and stages 1..frozen_stages are frozen
+      if stage > 0:
         outputs.append(x)
     return outputs

@@ -52,7 +52,8 @@ class SOLQ(nn.Module):
     if c.num_feature_levels == 2 or c.num_feature_levels < 1:
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
                        f'(layer2..4 plus extra levels), got {c.num_feature_levels}')
-    self.backbone = ResNet(c.backbone)
+    self.backbone = ResNet(c.backbone, norm=c.backbone_norm,
+                           frozen_stages=c.backbone_frozen_stages)
     n_backbone = self.num_backbone_levels
     self.input_proj = [InputProj(d, 1, 1) if l < n_backbone else InputProj(d, 3, 2)
                        for l in range(c.num_feature_levels)]

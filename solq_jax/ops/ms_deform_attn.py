@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ('xla', 'pallas', 'auto')
-BACKWARD_CHUNK = 1024  # queries per step of the backward scan
+BACKWARD_CHUNK = 512  # queries per step of the backward scan (512: -11% vs 1024 on one core)
 
 
 class Tap(NamedTuple):
@@ -108,9 +108,21 @@ def _row_base(b, s, m):
   return batch, head
 
 
+def _materialise(*arrays):
+  """The arrays, computed once before the sampling loops (an optimisation barrier).
+
+  Without it XLA fuses their producers (the value projection's bias and padding mask, the
+  sampling-offset arithmetic, the softmax) into every per-sample gather fusion and recomputes
+  them for each of the L*P*4 taps and each of the Dh channels.
+  """
+  return lax.optimization_barrier(arrays)
+
+
 def fused_forward(value, shapes, sampling_locations, attention_weights):
   """The forward pass (plain JAX, differentiable by autodiff); returns f32 `[B,Lq,M,Dh]`."""
   b, s, m, dh = value.shape
+  value, sampling_locations, attention_weights = _materialise(
+      value, sampling_locations, attention_weights)
   table = jnp.asarray(value).reshape(b * s * m, dh)
   batch, head = _row_base(b, s, m)
   acc_dtype = accumulation_dtype(value)
@@ -147,6 +159,8 @@ def fused_backward(value, shapes, sampling_locations, attention_weights, grad_ou
   b, s, m, dh = value.shape
   lq, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
   chunk = min(chunk, lq)
+  value, sampling_locations, attention_weights, grad_out = _materialise(
+      value, sampling_locations, attention_weights, grad_out)
   table = jnp.asarray(value).reshape(b * s * m, dh)
   batch, head = _row_base(b, s, m)
   acc_dtype = accumulation_dtype(value)

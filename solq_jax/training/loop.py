@@ -64,8 +64,9 @@ class Trainer:
       self._variables = jax.device_get(
           init_lib.initial_variables(self.config, self.model, self.init_key))
     if self.tx is None:
-      self.tx = optimizer_lib.build_optimizer(self.config.train, self._variables['params'],
-                                              self.steps_per_epoch)
+      self.tx = optimizer_lib.build_optimizer(
+          self.config.train, self._variables['params'], self.steps_per_epoch,
+          self.config.model.backbone_frozen_stages)
     variables = self._variables
     state = state_lib.create(variables, self.tx, self.train_key)
     self._state_template = step_lib.abstract_state(state, self.mesh)

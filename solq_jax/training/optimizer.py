@@ -5,8 +5,9 @@ by parameter path, frozen parameters that never change, the global-norm clip ove
 gradients, and a step decay of every group's rate at `lr_drop_epoch`.
 
 Groups (by the parameter-tree contract of `solq_jax.models`):
-  frozen       params/backbone/conv1 and params/backbone/layer1_*: never updated, excluded from
-               the clip norm (the official code sets requires_grad=False on them).
+  frozen       the backbone stem (params/backbone/conv1, bn1) and params/backbone/layer{1..k}_*
+               with k = `model.backbone_frozen_stages` (official: 1; 0 = none): never updated,
+               excluded from the clip norm (the official code sets requires_grad=False on them).
   backbone     the rest of params/backbone: `train.lr_backbone`.
   linear_proj  any path through `sampling_offsets` or `reference_points`: `lr * lr_linear_proj_mult`.
   default      everything else: `train.lr`.
@@ -31,10 +32,17 @@ def _path_names(path) -> tuple:
   return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
-def group_of(names: tuple) -> str:
+def _frozen_backbone_module(name: str, frozen_stages: int) -> bool:
+  if name in ('conv1', 'bn1'):  # the stem
+    return frozen_stages >= 1
+  stage = name[len('layer'):].split('_')[0] if name.startswith('layer') else ''
+  return stage.isdigit() and int(stage) <= frozen_stages
+
+
+def group_of(names: tuple, frozen_stages: int = 1) -> str:
   """The parameter group of one parameter, from its path in the `params` collection."""
   if names and names[0] == 'backbone':
-    if len(names) > 1 and (names[1] == 'conv1' or names[1].startswith('layer1_')):
+    if len(names) > 1 and _frozen_backbone_module(names[1], frozen_stages):
       return FROZEN
     return BACKBONE
   if any(n in _LINEAR_PROJ_NAMES for n in names):
@@ -42,18 +50,20 @@ def group_of(names: tuple) -> str:
   return DEFAULT
 
 
-def param_labels(params) -> Any:
-  """A pytree like `params` holding each leaf's group name."""
+def param_labels(params, frozen_stages: int = 1) -> Any:
+  """A pytree like `params` holding each leaf's group name (`frozen_stages`: see the module
+  docstring; pass `config.model.backbone_frozen_stages`)."""
   if 'backbone' not in params:
     raise ValueError(
         'the parameter tree has no top-level "backbone" entry, so the optimiser cannot find the '
         f'frozen and backbone groups (top-level keys: {sorted(params)})')
-  return jax.tree_util.tree_map_with_path(lambda p, _: group_of(_path_names(p)), params)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: group_of(_path_names(p), frozen_stages), params)
 
 
-def trainable_mask(params) -> Any:
+def trainable_mask(params, frozen_stages: int = 1) -> Any:
   """A pytree of bools like `params`: True where the parameter is trained."""
-  return jax.tree.map(lambda g: g != FROZEN, param_labels(params))
+  return jax.tree.map(lambda g: g != FROZEN, param_labels(params, frozen_stages))
 
 
 def step_decay_schedule(base_lr: float, drop_step: int, factor: float) -> optax.Schedule:
@@ -110,10 +120,13 @@ def group_schedules(train_config, spe: int) -> Dict[str, Callable]:
   }
 
 
-def build_optimizer(train_config, params, spe: int) -> optax.GradientTransformation:
-  """zero frozen grads -> clip (torch rule) -> per-group AdamW; frozen group: set_to_zero."""
+def build_optimizer(train_config, params, spe: int,
+                    frozen_stages: int = 1) -> optax.GradientTransformation:
+  """zero frozen grads -> clip (torch rule) -> per-group AdamW; frozen group: set_to_zero.
+
+  `frozen_stages`: `config.model.backbone_frozen_stages` (the official model: 1)."""
   t = train_config
-  labels = param_labels(params)
+  labels = param_labels(params, frozen_stages)
   schedules = group_schedules(t, spe)
 
   def adamw(schedule):

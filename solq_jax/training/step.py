@@ -93,7 +93,7 @@ def train_step_fn(config, model, tx, mesh, lr_schedule: Callable, trainable) -> 
 def make_train_step(config, model, tx, mesh: Mesh, lr_schedule: Callable, params,
                     donate: bool = True) -> Callable:
   """Compiles the step with replicated state and batch-sharded inputs over `mesh`."""
-  trainable = optimizer_lib.trainable_mask(params)
+  trainable = optimizer_lib.trainable_mask(params, config.model.backbone_frozen_stages)
   step = train_step_fn(config, model, tx, mesh, lr_schedule, trainable)
   repl = replicated(mesh)
   return jax.jit(step, in_shardings=(repl, batch_sharding(mesh)), out_shardings=(repl, repl),

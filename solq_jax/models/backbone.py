@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from solq_jax.models.layers import Conv2d
+
 # depth -> (block kind, blocks per stage)
 RESNET_LAYOUTS = {
     'resnet18': ('basic', (2, 2, 2, 2)),
@@ -50,10 +52,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def conv(features, kernel, stride=1, name=None):
   """Bias-free conv with torch's symmetric padding `kernel // 2`."""
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-                 name=name)
+  return Conv2d(features, kernel, stride, kernel_init=_conv_init, name=name)
 
 
 class FrozenBatchNorm(nn.Module):

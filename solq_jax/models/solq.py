@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from solq_jax.models.backbone import ResNet
-from solq_jax.models.layers import MLP, box_bias_quirk, torch_dense, xavier_uniform
+from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
+                                    xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
@@ -29,10 +30,8 @@ class InputProj(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), kernel_init=xavier_uniform,
-                bias_init=nn.initializers.zeros, name='conv')(x)
+    x = Conv2d(self.features, self.kernel, self.stride, use_bias=True,
+               kernel_init=xavier_uniform, name='conv')(x)
     return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False,
                         name='norm')(x)
 

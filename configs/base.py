@@ -163,7 +163,7 @@ def eval_config() -> ml_collections.ConfigDict:
       paste_exact_sizes=8,          # first image sizes pasted at exact size (a compile each);
       paste_size_multiple=128,      # later sizes: canvas sides rounded up to this, then cropped
       score_threshold=0.3,          # predict: detections drawn in overlays
-      names_file='',                # predict: category names (dataset json or text), '' = COCO
+      names_file='',                # predict: names, dataset json or text ('' = COCO or shapes)
   ))
 
 

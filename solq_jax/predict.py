@@ -20,6 +20,7 @@ from solq_jax import postprocess as postprocess_lib
 from solq_jax import visualize
 from solq_jax.data import coco as coco_data
 from solq_jax.data import pipeline
+from solq_jax.data import synthetic
 from solq_jax.data import transforms
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,10 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, draw_boxes=True, dr
   `loaded`: an already loaded `(model, variables)` (then `checkpoint` is not read).
   """
   ec = config.eval
-  names = load_category_names(ec.names_file)
+  if ec.names_file or config.data.root or config.data.source != 'coco':
+    names = load_category_names(ec.names_file)
+  else:  # the config trains on the generated dataset: its shape names, not COCO's
+    names = {c['id']: c['name'] for c in synthetic.CATEGORIES}
   files = list_images(inputs)
   if not files:
     raise ValueError(f'no input images in {list(inputs)}')

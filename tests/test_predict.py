@@ -66,6 +66,10 @@ def test_drawn_mask_pixels_are_the_predicted_masks(model_and_config, grey_image,
   dets = saved[0]['detections']
   assert len(dets) == config.eval.top_k
   assert [d['score'] for d in dets] == sorted((d['score'] for d in dets), reverse=True)
+  # The tiny config trains on the generated dataset: its shape names, not COCO's.
+  shapes = {1: 'circle', 2: 'rectangle', 3: 'triangle', 4: 'star', 5: 'hexagon'}
+  assert all(d['category'] == shapes.get(d['category_id'], str(d['category_id'])) for d in dets)
+  assert any(d['category_id'] in shapes for d in dets)
   union = np.zeros((90, 120), bool)
   for d in dets:
     union |= _decode(d['segmentation'])

@@ -65,15 +65,18 @@ def _hms(seconds: float) -> str:
 
 
 class ProgressBar:
-  """One console line `[#####.....] step/total  it/s  ETA  loss`, redrawn in place on a tty."""
+  """One console line `[#####.....] step/total  it/s  ETA  loss`, redrawn in place on a tty;
+  elsewhere (a log file, CI) a new line at most every `log_interval` seconds and at the end."""
 
   def __init__(self, total: int, start: int = 0, stream=None, width: int = 24,
-               enabled: bool = True):
+               enabled: bool = True, log_interval: float = 30.0):
     self.total, self.start = total, start
     self.stream = stream or sys.stderr
     self.width, self.enabled = width, enabled
     self.t0 = time.time()
     self._tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self.log_interval = log_interval
+    self._last_line = -math.inf
 
   def line(self, step: int, info: str = '') -> str:
     done = step - self.start
@@ -89,6 +92,11 @@ class ProgressBar:
   def update(self, step: int, info: str = '') -> None:
     if not self.enabled:
       return
+    if not self._tty:
+      now = time.time()
+      if step < self.total and now - self._last_line < self.log_interval:
+        return
+      self._last_line = now
     end = '' if self._tty else '\n'
     self.stream.write(('\r' if self._tty else '') + self.line(step, info) + end)
     self.stream.flush()

@@ -150,6 +150,28 @@ def test_backward_chunking_pads_queries():
     np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-6)
 
 
+def test_default_backward_chunk_follows_the_byte_budget(monkeypatch):
+  """The default chunk holds BACKWARD_CHUNK_BYTES of output gradient; the split changes nothing."""
+  rng = np.random.default_rng(6)
+  value, loc, attn = random_inputs(rng, 2, 23)
+  grad_out = rng.normal(size=(2, 23, HEADS * HEAD_DIM)).astype(np.float32)
+  bytes_per_query = 4 * 2 * HEADS * HEAD_DIM  # f32, batch 2
+
+  def scan_lengths():
+    traced = jax.make_jaxpr(lambda *a: msda.fused_backward(*a[:1], LEVELS, *a[1:]))(
+        value, loc, attn, grad_out)
+    return [e.params['length'] for e in traced.jaxpr.eqns if e.primitive.name == 'scan']
+
+  monkeypatch.setattr(msda, 'BACKWARD_CHUNK_BYTES', 1 * bytes_per_query)
+  assert scan_lengths() == [3]  # at least 8 queries a step: ceil(23 / 8)
+  monkeypatch.setattr(msda, 'BACKWARD_CHUNK_BYTES', 20 * bytes_per_query)
+  assert scan_lengths() == [2]  # 20 queries a step
+  chunked = msda.fused_backward(value, LEVELS, loc, attn, grad_out)
+  whole = msda.fused_backward(value, LEVELS, loc, attn, grad_out, 23)
+  for w, c in zip(whole, chunked):
+    np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_match_finite_differences_float64():
   """Directional derivatives of the custom_vjp equal central differences (float64)."""
   rng = np.random.default_rng(5)

@@ -20,9 +20,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 IMPLS = ('xla', 'pallas', 'auto')
-BACKWARD_CHUNK = 512  # queries per step of the backward scan (512: -11% vs 1024 on one core)
+# Output-gradient bytes per step of the backward scan: the chunk holds this many bytes of
+# `[B, chunk, M, Dh]` f32 (one core: R50 512x512 encoder, B=1 M=8 Dh=32, chunk 64 queries ->
+# 184 ms, 128 -> 205, 256 -> 227, 512 -> 283; demo encoder, B=4 M=8 Dh=16: 32 -> 20 ms,
+# 64 -> 21, 128 -> 33, 256 -> 51).
+BACKWARD_CHUNK_BYTES = 64 * 1024
 
 
 class Tap(NamedTuple):
@@ -153,40 +158,86 @@ def _from_chunks(x, lq):
   return jnp.moveaxis(x, 0, 1).reshape((b, n * chunk) + x.shape[3:])[:, :lq]
 
 
-def fused_backward(value, shapes, sampling_locations, attention_weights, grad_out,
-                   chunk=BACKWARD_CHUNK):
-  """Gradients of `sum(fused_forward(...) * grad_out)` w.r.t. value, locations and weights."""
+def _tap_tables(loc, attn, shapes, num_pixels, heads):
+  """The bilinear taps of a chunk of queries, taps-major: five `[K, N]` tables.
+
+  `loc [B,C,M,L,P,2]`, `attn [B,C,M,L,P]`; K = L*P*4 taps ordered (level, point, corner) and
+  N = B*C*M rows ordered (batch, query, head). Returns the value-table row of every tap, its
+  weight in the output (bilinear * inside * attention), and the factors that turn its dot with
+  the output gradient into d/d(attention), d/d(fx) and d/d(fy) of its sample. Computed over whole
+  arrays (a few fusions), and taps-major so that a tap's row is contiguous: per-tap tables sliced
+  out of a minor axis, or per-sample scalars recomputed inside every channel loop, cost more than
+  the gathers they feed.
+  """
+  b, c, m, nl, p = attn.shape
+  n = b * c * m
+  hw = np.asarray(shapes, np.int32)
+  height = hw[:, 0].reshape(nl, 1, 1)
+  width = hw[:, 1].reshape(nl, 1, 1)
+  level_start = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1])[:-1]]).reshape(nl, 1, 1)
+  loc_t = jnp.transpose(loc.reshape(n, nl, p, 2), (3, 1, 2, 0))   # [2, L, P, N]
+  attn_t = jnp.transpose(attn.reshape(n, nl, p), (1, 2, 0))        # [L, P, N]
+  row = jnp.arange(n, dtype=jnp.int32)
+  base = (row // (c * m)) * (num_pixels * heads) + row % heads    # batch offset + head
+  tables = [[] for _ in range(5)]
+  for tap in bilinear_taps_xy(loc_t[0], loc_t[1], height, width):
+    inside = tap.inside
+    tables[0].append((level_start + tap.index) * heads + base)
+    tables[1].append(inside * tap.wx * tap.wy * attn_t)
+    tables[2].append(inside * tap.wx * tap.wy)
+    tables[3].append(inside * tap.sx * tap.wy)
+    tables[4].append(inside * tap.wx * tap.sy)
+  return tuple(jnp.stack(t, 2).reshape(nl * p * 4, n) for t in tables)
+
+
+def fused_backward(value, shapes, sampling_locations, attention_weights, grad_out, chunk=None):
+  """Gradients of `sum(fused_forward(...) * grad_out)` w.r.t. value, locations and weights.
+
+  A scan over chunks of queries. Per chunk: the tap tables (`_tap_tables`); per sample, one
+  fusion of its 4 gathers that forms the output gradient's products with the bilinear sample and
+  with its x and y derivatives, reduced over channels for all samples at once; and one
+  scatter-add of every tap's weighted output gradient into the value gradient (in place,
+  deterministic on CPU). Small chunks keep each chunk's temporaries in cache: `chunk` queries
+  per step, by default as many as fill `BACKWARD_CHUNK_BYTES` of output gradient.
+  """
   b, s, m, dh = value.shape
   lq, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+  if chunk is None:
+    chunk = max(8, BACKWARD_CHUNK_BYTES // (4 * b * m * dh))
   chunk = min(chunk, lq)
   value, sampling_locations, attention_weights, grad_out = _materialise(
       value, sampling_locations, attention_weights, grad_out)
   table = jnp.asarray(value).reshape(b * s * m, dh)
-  batch, head = _row_base(b, s, m)
   acc_dtype = accumulation_dtype(value)
   xs = (_to_chunks(sampling_locations.astype(acc_dtype), chunk),
         _to_chunks(attention_weights.astype(acc_dtype), chunk),
         _to_chunks(grad_out.reshape(b, lq, m, dh).astype(acc_dtype), chunk))
+  sizes = np.asarray([hw for hw in shapes for _ in range(num_points)], np.float32)  # [L*P, 2]
+  scale_x = jnp.asarray(sizes[:, 1:], acc_dtype)  # d u / d x = W of the sample's level
+  scale_y = jnp.asarray(sizes[:, :1], acc_dtype)  # d v / d y = H
 
   def step(grad_table, x):
     loc, attn, g = x
-    grad_loc, grad_attn = [], []
-    for lvl, pt, start, h, w in samples(shapes, num_points):
-      a = attn[:, :, :, lvl, pt]
-      d_attn = d_fx = d_fy = 0.0
-      for tap in bilinear_taps(loc[:, :, :, lvl, pt], h, w):
-        rows = (batch + start + tap.index) * m + head
-        gathered = table.at[rows].get(mode='clip').astype(acc_dtype)
-        dot = jnp.sum(gathered * g, axis=-1) * tap.inside
-        d_attn = d_attn + dot * tap.wx * tap.wy
-        d_fx = d_fx + dot * tap.sx * tap.wy
-        d_fy = d_fy + dot * tap.wx * tap.sy
-        grad_table = grad_table.at[rows].add(g * (tap.weight * a)[..., None],
-                                             mode='promise_in_bounds')
-      grad_attn.append(d_attn)
-      grad_loc.append(jnp.stack([d_fx * a * w, d_fy * a * h], axis=-1))
-    grad_loc = jnp.stack(grad_loc, axis=-2).reshape(loc.shape)
-    grad_attn = jnp.stack(grad_attn, axis=-1).reshape(attn.shape)
+    n = b * loc.shape[1] * m
+    g = g.reshape(n, dh)
+    rows, weight, c_attn, c_x, c_y = lax.optimization_barrier(
+        _tap_tables(loc, attn, shapes, s, m))
+    products = []
+    for j in range(rows.shape[0] // 4):
+      sample = d_x = d_y = 0.0
+      for k in range(4 * j, 4 * j + 4):
+        gathered = table.at[rows[k]].get(mode='promise_in_bounds').astype(acc_dtype)
+        sample = sample + gathered * c_attn[k][:, None]
+        d_x = d_x + gathered * c_x[k][:, None]
+        d_y = d_y + gathered * c_y[k][:, None]
+      products.append(lax.optimization_barrier(jnp.stack([sample * g, d_x * g, d_y * g])))
+    dots = jnp.sum(jnp.stack(products), axis=-1)                   # [L*P, 3, N]
+    updates = (weight[:, :, None] * g[None]).reshape(-1, dh)
+    grad_table = grad_table.at[rows.reshape(-1)].add(updates, mode='promise_in_bounds')
+    a = jnp.transpose(attn.reshape(n, -1))                          # [L*P, N]
+    grad_loc = jnp.stack([dots[:, 1] * a * scale_x, dots[:, 2] * a * scale_y], axis=-1)
+    grad_loc = jnp.transpose(grad_loc, (1, 0, 2)).reshape(loc.shape)
+    grad_attn = jnp.transpose(dots[:, 0]).reshape(attn.shape)
     return grad_table, (grad_loc, grad_attn)
 
   grad_table, (grad_loc, grad_attn) = lax.scan(

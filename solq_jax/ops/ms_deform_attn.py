@@ -23,6 +23,7 @@ from jax import lax
 import numpy as np
 
 IMPLS = ('xla', 'pallas', 'auto')
+BATCH_AXIS = 'data'  # the mesh axis the batch is sharded over (solq_jax.training.step.DATA_AXIS)
 # Output-gradient bytes per step of the backward scan: the chunk holds this many bytes of
 # `[B, chunk, M, Dh]` f32 (one core: R50 512x512 encoder, B=1 M=8 Dh=32, chunk 64 queries ->
 # 184 ms, 128 -> 205, 256 -> 227, 512 -> 283; demo encoder, B=4 M=8 Dh=16: 32 -> 20 ms,
@@ -308,6 +309,24 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
   impl = resolve_impl(impl)
   if impl == 'pallas':
     from kernels import ms_deform_attn as pallas_kernel  # pylint: disable=g-import-not-at-top
-    return pallas_kernel.ms_deform_attn_pallas(value, shapes, sampling_locations,
-                                               attention_weights)
-  return ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights)
+    fn = pallas_kernel.ms_deform_attn_pallas
+  else:
+    fn = ms_deform_attn_xla
+  return per_batch_shard(lambda v, loc, attn: fn(v, shapes, loc, attn), value,
+                         sampling_locations, attention_weights)
+
+
+def per_batch_shard(core, value, sampling_locations, attention_weights):
+  """Runs `core` on each device's slice of the batch when the batch is sharded over a mesh.
+
+  Under a mesh context (`jax.set_mesh`, as the train and eval steps trace) whose `BATCH_AXIS` has
+  more than one device, the core runs under `jax.shard_map` on the local examples. Left to the
+  SPMD partitioner, its data-dependent gathers and scatters into a batch-sharded value table
+  become an all-gather per tap (thousands per step). Without a mesh it is a plain call.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
+    return core(value, sampling_locations, attention_weights)
+  spec = jax.sharding.PartitionSpec(BATCH_AXIS)
+  return jax.shard_map(core, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+      value, sampling_locations, attention_weights)

@@ -5,6 +5,7 @@ Loss and gradients are computed on the global batch (the criterion normalises by
 ground-truth count, as the official DDP run does), so the result does not depend on the number
 of devices.
 """
+import functools
 from typing import Any, Callable, Dict
 
 import jax
@@ -96,8 +97,22 @@ def make_train_step(config, model, tx, mesh: Mesh, lr_schedule: Callable, params
   trainable = optimizer_lib.trainable_mask(params, config.model.backbone_frozen_stages)
   step = train_step_fn(config, model, tx, mesh, lr_schedule, trainable)
   repl = replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, batch_sharding(mesh)), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else ())
+  return under_mesh(mesh, jax.jit(step, in_shardings=(repl, batch_sharding(mesh)),
+                                  out_shardings=(repl, repl),
+                                  donate_argnums=(0,) if donate else ()))
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn` called (and so traced) with `mesh` as the context mesh (`jax.set_mesh`).
+
+  Ops that need the per-device view of the batch read it from there: the deformable-attention
+  core runs under `shard_map` over DATA_AXIS (solq_jax.ops.ms_deform_attn.per_batch_shard).
+  """
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def make_eval_forward(model, mesh: Mesh) -> Callable:
@@ -105,7 +120,8 @@ def make_eval_forward(model, mesh: Mesh) -> Callable:
   def forward(variables, images, pad_mask):
     return model.apply(variables, images, pad_mask, train=False)
   data = batch_sharding(mesh)
-  return jax.jit(forward, in_shardings=(replicated(mesh), data, data), out_shardings=data)
+  return under_mesh(mesh, jax.jit(forward, in_shardings=(replicated(mesh), data, data),
+                                  out_shardings=data))
 
 
 def abstract_state(state: Any, mesh: Mesh) -> Any:

@@ -53,10 +53,10 @@ def get_config():
   d.bucket_sizes = (96,)
   t = config.train
   t.batch_size = 4
-  t.total_steps = 1800
+  t.total_steps = 2400
   t.lr = 5e-4
   t.lr_backbone = 5e-4
-  t.lr_drop_epoch = 6.375       # 256 steps per epoch: the drop at step 1632
+  t.lr_drop_epoch = 8.5         # 256 steps per epoch: the drop at step 2176
   t.log_every_steps = 10
   t.checkpoint_every_steps = 200
   config.eval.batch_size = 8

@@ -282,7 +282,7 @@ def evaluate(model, variables, batches, coco_gt, config, *, mesh=None, out_dir=N
     if max_images is not None:
       keep &= np.cumsum(keep) <= max_images - len(evaluator.image_ids)
     shape = tuple(batch['images'].shape)
-    with clock('model' if shape in shapes_seen else 'model_first_calls'):
+    with clock('model' if shape in shapes_seen else 'model_first_calls'), _mesh_context(mesh):
       outputs = jax.block_until_ready(
           forward(variables, put(batch['images']), put(batch['pad_mask'])))
     with clock('postprocess'):
@@ -310,6 +310,12 @@ def evaluate(model, variables, batches, coco_gt, config, *, mesh=None, out_dir=N
   if out_dir:
     evaluator.save(out_dir, metrics)
   return metrics
+
+
+def _mesh_context(mesh):
+  """`jax.set_mesh(mesh)` (the forward traces per batch shard, as the train step does; see
+  solq_jax.ops.ms_deform_attn.per_batch_shard), or nothing without a mesh."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def _device_putter(mesh):

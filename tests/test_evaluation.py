@@ -182,6 +182,7 @@ def test_oracle_on_coco_val158(coco_val158, r50_config, tmp_path):
 
   def forward(variables, images, pad_mask):     # the "model": replays the oracle outputs
     assert images.shape[0] == ORACLE_BATCH and variables == {}
+    assert dict(jax.sharding.get_abstract_mesh().shape) == {'data': ORACLE_BATCH}  # per shard
     return queue.pop(0)
 
   config = r50_config.copy_and_resolve_references()

@@ -165,7 +165,8 @@ def _tap_tables(loc, attn, shapes, num_pixels, heads):
   `loc [B,C,M,L,P,2]`, `attn [B,C,M,L,P]`; K = L*P*4 taps ordered (level, point, corner) and
   N = B*C*M rows ordered (batch, query, head). Returns the value-table row of every tap, its
   weight in the output (bilinear * inside * attention), and the factors that turn its dot with
-  the output gradient into d/d(attention), d/d(fx) and d/d(fy) of its sample. Computed over whole
+  the output gradient into d/d(attention) and, once times the attention weight, d/d(x) and d/d(y)
+  of its sample's normalised location (d/d(fx) * W, d/d(fy) * H). Computed over whole
   arrays (a few fusions), and taps-major so that a tap's row is contiguous: per-tap tables sliced
   out of a minor axis, or per-sample scalars recomputed inside every channel loop, cost more than
   the gathers they feed.
@@ -186,8 +187,8 @@ def _tap_tables(loc, attn, shapes, num_pixels, heads):
     tables[0].append((level_start + tap.index) * heads + base)
     tables[1].append(inside * tap.wx * tap.wy * attn_t)
     tables[2].append(inside * tap.wx * tap.wy)
-    tables[3].append(inside * tap.sx * tap.wy)
-    tables[4].append(inside * tap.wx * tap.sy)
+    tables[3].append(inside * tap.sx * tap.wy * width)
+    tables[4].append(inside * tap.wx * tap.sy * height)
   return tuple(jnp.stack(t, 2).reshape(nl * p * 4, n) for t in tables)
 
 
@@ -213,9 +214,6 @@ def fused_backward(value, shapes, sampling_locations, attention_weights, grad_ou
   xs = (_to_chunks(sampling_locations.astype(acc_dtype), chunk),
         _to_chunks(attention_weights.astype(acc_dtype), chunk),
         _to_chunks(grad_out.reshape(b, lq, m, dh).astype(acc_dtype), chunk))
-  sizes = np.asarray([hw for hw in shapes for _ in range(num_points)], np.float32)  # [L*P, 2]
-  scale_x = jnp.asarray(sizes[:, 1:], acc_dtype)  # d u / d x = W of the sample's level
-  scale_y = jnp.asarray(sizes[:, :1], acc_dtype)  # d v / d y = H
 
   def step(grad_table, x):
     loc, attn, g = x
@@ -236,7 +234,7 @@ def fused_backward(value, shapes, sampling_locations, attention_weights, grad_ou
     updates = (weight[:, :, None] * g[None]).reshape(-1, dh)
     grad_table = grad_table.at[rows.reshape(-1)].add(updates, mode='promise_in_bounds')
     a = jnp.transpose(attn.reshape(n, -1))                          # [L*P, N]
-    grad_loc = jnp.stack([dots[:, 1] * a * scale_x, dots[:, 2] * a * scale_y], axis=-1)
+    grad_loc = jnp.stack([dots[:, 1] * a, dots[:, 2] * a], axis=-1)
     grad_loc = jnp.transpose(grad_loc, (1, 0, 2)).reshape(loc.shape)
     grad_attn = jnp.transpose(dots[:, 0]).reshape(attn.shape)
     return grad_table, (grad_loc, grad_attn)

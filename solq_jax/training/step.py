@@ -107,21 +107,13 @@ def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
 
   Ops that need the per-device view of the batch read it from there: the deformable-attention
   core runs under `shard_map` over DATA_AXIS (solq_jax.ops.ms_deform_attn.per_batch_shard).
+  The evaluation forward runs under the same context (solq_jax.evaluation.evaluate).
   """
   @functools.wraps(fn)
   def call(*args, **kwargs):
     with jax.set_mesh(mesh):
       return fn(*args, **kwargs)
   return call
-
-
-def make_eval_forward(model, mesh: Mesh) -> Callable:
-  """Compiles `(variables, images, pad_mask) -> outputs` (train=False) over `mesh`."""
-  def forward(variables, images, pad_mask):
-    return model.apply(variables, images, pad_mask, train=False)
-  data = batch_sharding(mesh)
-  return under_mesh(mesh, jax.jit(forward, in_shardings=(replicated(mesh), data, data),
-                                  out_shardings=data))
 
 
 def abstract_state(state: Any, mesh: Mesh) -> Any:

@@ -11,10 +11,10 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from solq_jax import evaluation
+from solq_jax import sharding
+from solq_jax.inference import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')
@@ -29,10 +29,9 @@ def main(argv):
   # Default: beside the checkpoint (never inside: a training checkpoint dir must stay clean).
   out_dir = _OUT_DIR.value or os.path.join(
       os.path.dirname(os.path.abspath(checkpoint.rstrip('/'))) if checkpoint else '.', 'eval')
-  devices = jax.devices()[:_NUM_DEVICES.value or None]
-  mesh = jax.sharding.Mesh(devices, ('data',))
+  mesh = sharding.make_mesh(_NUM_DEVICES.value)
   logging.info('results and metrics go to %s', out_dir)
-  evaluation.run(_CONFIG.value, checkpoint, out_dir, mesh)
+  evaluate.run(_CONFIG.value, checkpoint, out_dir, mesh)
 
 
 if __name__ == '__main__':

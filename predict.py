@@ -8,7 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from solq_jax import predict
+from solq_jax.inference import predict
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')

@@ -42,8 +42,16 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)
   from solq_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.train)  # before any other JAX call
-  from solq_jax.training import loop  # pylint: disable=g-import-not-at-top
-  loop.train_and_evaluate(config, _WORKDIR.value)
+  # pylint: disable=g-import-not-at-top
+  from solq_jax.inference import evaluate
+  from solq_jax.training import loop
+  trainer = loop.Trainer(config)
+  logging.info('mesh %s; %d steps (%d per epoch); global batch %d', dict(trainer.mesh.shape),
+               trainer.total_steps, trainer.steps_per_epoch, config.train.batch_size)
+  # Training never imports inference code: COCO evaluation is wired in here.
+  evaluation = evaluate.make_evaluation(config, trainer.model, trainer.coder, trainer.mesh,
+                                        progress=config.train.progress_bar)
+  trainer.fit(_WORKDIR.value, evaluation=evaluation)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from configs import solq_r50  # noqa: E402
 from configs import tiny  # noqa: E402
-from solq_jax import evaluation  # noqa: E402
+from solq_jax import sharding  # noqa: E402
+from solq_jax.inference import evaluate  # noqa: E402
 
 COCO = REPO.parent / 'shared' / 'data' / 'coco_val158'
 CONFIGS = {'r50': solq_r50.get_config, 'tiny': tiny.get_config}
@@ -40,9 +41,9 @@ def main():
   config.model.num_classes = 91
   config.eval.max_images = args.max_images
   config.eval.batch_size = args.batch_size
-  mesh = jax.sharding.Mesh(jax.devices()[:args.batch_size], ('data',))
+  mesh = sharding.make_mesh(args.batch_size)
   with tempfile.TemporaryDirectory() as out_dir:
-    metrics = evaluation.run(config, '', out_dir, mesh)
+    metrics = evaluate.run(config, '', out_dir, mesh)
   n, b = metrics['num_images'], metrics['batches']
   steady = b['total'] - b['first_calls']
   print(f'\n{args.config}: {n} images, batch {args.batch_size}, {len(jax.devices())} device(s), '

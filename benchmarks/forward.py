@@ -8,7 +8,7 @@ the jitted whole model and for jitted stages fed with precomputed inputs: backbo
 projections (+ masks, position encodings), encoder, decoder + heads. It also prints the median
 process CPU time per call divided by the number of cores: on a machine shared with other jobs
 the wall time is inflated by the contention, the CPU time much less. The official PyTorch model
-takes 7.36 s for the R50 forward at 800x1066 on this 2-core CPU (spec section 9).
+takes 7.36 s for the R50 forward at 800x1066 on this 2-core CPU (../shared/spec/perf_notes.md).
 """
 import os
 import sys
@@ -52,7 +52,7 @@ def _report(name, stats):
 def main(argv):
   del argv
   config = _CONFIG.value
-  model = build_model(config)
+  model = build_model(config.model)
   b, h, w = _BATCH.value, _HEIGHT.value, _WIDTH.value
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((b, h, w, 3)), jnp.float32)

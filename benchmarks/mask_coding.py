@@ -20,7 +20,7 @@ Speed (interleaved rounds, medians; a shared 2-core machine, so noisy):
 * decode + paste: batched jnp (`decode` then `paste_masks` on the canvas) vs a per-mask loop
   (zero-fill, `scipy.fft.idctn`, mid-range threshold, bilinear paste restricted to the box's
   pixel range as detectron2 does on CPU).
-* the evaluation shape: 100 masks pasted at 800x1066 (official PostProcess: 0.33 s, spec 9).
+* the evaluation shape: 100 masks pasted at 800x1066 (official PostProcess: 0.33 s).
 """
 import argparse
 import os
@@ -226,7 +226,7 @@ def speed(data_dir, rounds, size=128, num_coeffs=256):
       rounds, warmup=False)
   print(f'100 masks at 800x1066, decode+paste: jnp tiled {med["tiled"]:.3f} s, jnp dense '
         f'{med["dense"]:.3f} s, per-mask loop {med["loop"]:.3f} s '
-        f'({med["loop"] / med["tiled"]:.1f}x); official PostProcess 0.33 s (spec 9)')
+        f'({med["loop"] / med["tiled"]:.1f}x); official PostProcess 0.33 s')
 
 
 def crop_check(data_dir, torchvision_crops, size=128):

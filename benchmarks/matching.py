@@ -155,7 +155,7 @@ def part2(mesh, rounds, size, matchers):
     config = tiny.get_config()
     config.loss.matcher = matcher
     config.train.batch_size = batch
-    model = models.build_model(config)
+    model = models.build_model(config.model)
     data = data or synthetic_batch(rng, config, batch, size)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), data['images'][:1],
                                     data['pad_mask'][:1])

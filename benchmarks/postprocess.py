@@ -4,7 +4,7 @@
 
 Random outputs of the R50 head shapes (Q=300, C=91, n_k=256, N=128), one image of 800x1066.
 Timed, interleaved per repeat (medians reported):
-  full       `postprocess(...)` end to end, numpy masks on the host, for the exact-size canvas
+  full       `Postprocessor(...)(outputs, sizes)` end to end, numpy masks on the host, for the exact-size canvas
              (size_multiple=1) and the default bucketed canvas (128 -> 896x1152, then cropped);
   select     top-k + boxes (jitted);
   decode     gather + DCT decode of the 100 vectors (jitted);
@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from solq_jax import masks  # noqa: E402
-from solq_jax import postprocess as pp  # noqa: E402
+from solq_jax.inference import postprocess as pp  # noqa: E402
 import timing  # noqa: E402  (benchmarks/timing.py)
 
 OFFICIAL_SECONDS = 0.33
@@ -55,15 +55,16 @@ def main():
   sizes = np.array([HW])
   scores, labels, boxes, query = pp.select_detections(
       outputs['pred_logits'], outputs['pred_boxes'], jnp.asarray(sizes), 100)
-  box_masks = pp.decode_selected(outputs['pred_vectors'], query, coder)[0]
+  exact = pp.Postprocessor(coder, 100, size_multiple=1)
+  bucketed = pp.Postprocessor(coder, 100, size_multiple=128, max_exact_sizes=0)
+  box_masks = exact.decode_selected(outputs['pred_vectors'], query)[0]
   pasted = pp.paste_on_canvas(box_masks, boxes[0], HW)
   cases = {
-      'full (exact canvas)': lambda: pp.postprocess(outputs, sizes, coder, 100, size_multiple=1),
-      'full (canvas x128)': lambda: pp.postprocess(outputs, sizes, coder, 100, size_multiple=128,
-                                                    max_exact_sizes=0),
+      'full (exact canvas)': lambda: exact(outputs, sizes),
+      'full (canvas x128)': lambda: bucketed(outputs, sizes),
       'select': lambda: pp.select_detections(outputs['pred_logits'], outputs['pred_boxes'],
                                              jnp.asarray(sizes), 100),
-      'decode': lambda: pp.decode_selected(outputs['pred_vectors'], query, coder),
+      'decode': lambda: exact.decode_selected(outputs['pred_vectors'], query),
       'paste (masks.paste_masks)': lambda: masks.paste_masks(box_masks, boxes[0], HW),
       'host copy': lambda: np.asarray(pasted),
   }

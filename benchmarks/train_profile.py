@@ -53,7 +53,7 @@ def main():
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = solq_r50.get_config()
-  model = models.build_model(config)
+  model = models.build_model(config.model)
   variables = init_lib.random_variables(model, jax.random.PRNGKey(0))
   params, buffers = variables['params'], variables['buffers']
   trainable = optimizer_lib.trainable_mask(params, config.model.backbone_frozen_stages)

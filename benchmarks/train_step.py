@@ -53,7 +53,7 @@ def measure(config, devices, batch, side, runs):
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
   mesh = step_lib.make_mesh(devices)
-  model = models.build_model(config)
+  model = models.build_model(config.model)
   variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
   tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)

@@ -1,7 +1,7 @@
 """Shared config sections. Each experiment file composes these in its `get_config()`.
 
 Every experiment knob is a field here, so it can be set from the command line as
-`--config.section.field=value`. Defaults are the official SOLQ-R50 recipe (spec section 0).
+`--config.section.field=value`. Defaults are the official SOLQ-R50 recipe.
 Each section has one owner module; add new fields to the section of the code that reads them.
 """
 import ml_collections

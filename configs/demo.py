@@ -5,18 +5,17 @@ Chosen for a 2-core CPU and a ~15 minute budget, with nothing downloaded (so no 
 backbone, which is what makes the official recipe converge):
 * an easy generated dataset: 1-3 shapes per image, each at least 20 px, faint textures, images
   of 72-96 px padded to ONE 96x96 bucket (the train step compiles once). At 128 px the model
-  reached about the same AP per step (box AP at step 1,200: 0.090 at 96 px; 0.088-0.114 in
-  three runs at 128 px) but a step cost ~1.7x more, so the smaller images buy 2,400 steps in
-  the budget instead of 1,200 (1,800 steps: box AP 0.134 and mask AP 0.094 in a 9 min 40 s
-  `make demo`);
+  reached about the same AP per step but each step cost more, so the smaller images buy about
+  twice the steps in the budget;
 * the backbone trained from scratch: ResNet-18 with a trained GroupNorm in place of the frozen
   batch norm (a random ResNet behind identity batch norms is unnormalised), nothing frozen;
 * a small transformer (d=128, 3+3 layers, 20 queries, no dropout), whose cost is small next to
   the backbone's at these image sizes;
 * batch 4 and lr 5e-4 for every group (official: batch 32, lr 2e-4, backbone 2e-5): many small
-  updates fit a short run better than a few large ones (lr 1e-3: box AP 0.008 at step 600
-  against 0.048); the step decay at ~90% of the run.
-Measured figures (AP, wall time) are in benchmarks/README.md.
+  updates fit a short run better than a few large ones (a higher lr diverged early); the step
+  decay at ~90% of the run.
+Measured figures (AP per step and image size, the lr trials, wall time) are in
+benchmarks/README.md.
 """
 from configs import tiny
 

@@ -58,11 +58,6 @@ def pairwise_iou(a, b):
   return _iou_and_union(a[:, None, :], b[None, :, :])[0]
 
 
-def pairwise_giou(a, b):
-  """Generalised IoU (Rezatofighi et al. 2019) of `a [N,4]` x `b [M,4]` (xyxy) -> `[N,M]`."""
-  return _giou(a[:, None, :], b[None, :, :])
-
-
 def elementwise_giou(a, b):
   """Generalised IoU of matching boxes `a [...,4]` and `b [...,4]` (xyxy) -> `[...]`."""
   return _giou(a, b)
@@ -73,3 +68,15 @@ def inverse_sigmoid(x, eps=1e-5):
   xp = _xp(x)
   x = xp.clip(x, 0, 1)
   return xp.log(xp.clip(x, eps, None) / xp.clip(1 - x, eps, None))
+
+
+def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output index under PyTorch's legacy `mode='nearest'` resize.
+
+  torch computes `min(floor(dst * float32(in / out)), in - 1)` in float32; so does this (on the
+  host: the sizes are static). The one rule for every nearest resize: the input pipeline's masks
+  and the model's padding-mask down-sampling.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)

@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import batch_helpers
 from configs import solq_r50
 from configs import tiny
+from solq_jax import masks as masks_lib
 from solq_jax import data
 from solq_jax.data import transforms as T
+
+
+def _train_pipeline(config, **kwargs):
+  return data.train_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
+
+def _eval_pipeline(config, **kwargs):
+  return data.eval_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
 
 SPLIT = 'bad'
 CATS = [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}]
@@ -93,7 +104,7 @@ def test_error_in_a_worker_process_reaches_the_caller_with_the_file_name(tmp_pat
   config.data.val_split = SPLIT
   config.data.num_workers = 1
   config.eval.batch_size = 2
-  it = data.eval_pipeline(config, process_count=1, process_index=0).iterator()
+  it = _eval_pipeline(config, process_count=1, process_index=0).iterator()
   with pytest.raises(Exception, match=r'trunc\.jpg'):
     next(it)
   it.close()
@@ -120,10 +131,11 @@ def test_zero_annotation_images_are_kept(tmp_path):
   config = tiny.get_config()
   config.data.root, config.data.val_split, config.data.num_workers = str(tmp_path), SPLIT, 0
   config.eval.batch_size = 2
-  batch = next(data.eval_pipeline(config, process_count=1, process_index=0).iterator())
+  batch = next(_eval_pipeline(config, process_count=1, process_index=0).iterator())
   assert batch['image_id'].tolist() == [1, 2]
   assert not batch['valid'][0].any() and batch['valid'][1].sum() == 1
-  assert not batch['pad_mask'][0, :batch['size'][0, 0], :batch['size'][0, 1]].any()
+  h, w = batch_helpers.unpadded_hw(batch['pad_mask'][0])
+  assert (h, w) == T.plan_eval((48, 64), config.data)[1]   # the image itself, unpadded
 
 
 def test_degenerate_polygons_are_dropped_and_logged(tmp_path, caplog):
@@ -173,14 +185,14 @@ def test_panorama(tmp_path):
   config.data.train_split = config.data.val_split = SPLIT
   config.train.batch_size = config.eval.batch_size = 1
   assert T.plan_eval((300, 4000), config.data)[1] == (100, 1333)
-  batch = next(data.eval_pipeline(config, process_count=1, process_index=0).iterator())
-  assert batch['images'].shape == (1, 800, 1344, 3) and batch['size'].tolist() == [[100, 1333]]
+  batch = next(_eval_pipeline(config, process_count=1, process_index=0).iterator())
+  assert batch['images'].shape == (1, 800, 1344, 3) and batch_helpers.unpadded_sizes(batch['pad_mask']).tolist() == [[100, 1333]]
   assert batch['valid'].sum() == 2
-  np.testing.assert_allclose(batch['boxes_xyxy'][0, 1], [3900 * 1333 / 4000, 0, 1333, 100],
+  np.testing.assert_allclose(batch_helpers.boxes_xyxy(batch, 0)[1], [3900 * 1333 / 4000, 0, 1333, 100],
                              rtol=1e-5)
-  pipe = data.train_pipeline(config, process_count=1, process_index=0, num_epochs=1)
+  pipe = _train_pipeline(config, process_count=1, process_index=0, num_epochs=1)
   for _ in range(len(pipe)):
     batch = next(pipe.iterator())
-    h, w = batch['size'][0]
+    h, w = batch_helpers.unpadded_hw(batch['pad_mask'][0])
     assert max(h, w) <= 1340 and batch['images'].shape[1:3] == data.bucket_shape(
         [(h, w)], data.bucket_sizes(config.data), 32)

@@ -3,10 +3,18 @@ import numpy as np
 import pytest
 from pycocotools import coco as coco_api
 
+import batch_helpers
 from configs import tiny
+from solq_jax import box_ops
 from solq_jax import data
 from solq_jax import masks as masks_lib
 from solq_jax.data import transforms as T
+
+
+
+def _eval_pipeline(config, **kwargs):
+  return data.eval_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
 
 SPLIT = 'val2017'
 
@@ -101,25 +109,25 @@ def test_eval_batches_on_coco(coco_val158, api):
   config.eval.batch_size = 4
   config.data.max_gt = 100
   coder = masks_lib.build_coder(config.model)
-  pipe = data.eval_pipeline(config, process_count=1, process_index=0)
+  pipe = _eval_pipeline(config, process_count=1, process_index=0)
   assert len(pipe) == 40  # 158 images -> 39 full batches + one with 2 fillers
   batch = next(pipe.iterator(start_step=3))
   for row, image_id in enumerate(batch['image_id']):
     img = api.imgs[int(image_id)]
     h0, w0 = img['height'], img['width']
     h, w = T.resized_hw((h0, w0), 256, 320)
-    assert batch['size'][row].tolist() == [h, w]
+    assert batch_helpers.unpadded_hw(batch['pad_mask'][row]) == (h, w)
     anns = [a for a in api.imgToAnns[int(image_id)] if not a['iscrowd']]
     n = len(anns)
     assert batch['valid'][row].sum() == n
-    rows = T.nearest_indices(h0, h)
-    cols = T.nearest_indices(w0, w)
+    rows = box_ops.legacy_nearest_indices(h0, h)
+    cols = box_ops.legacy_nearest_indices(w0, w)
     ref_masks = np.stack([api.annToMask(a).astype(bool)[rows][:, cols] for a in anns])
     xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a['bbox'] for a in anns)],
                     np.float32)
     xyxy = np.clip(xyxy, 0, np.array([w0, h0, w0, h0], np.float32))
     xyxy *= np.array([w / w0, h / h0] * 2, np.float32)
-    np.testing.assert_allclose(batch['boxes_xyxy'][row, :n], xyxy, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(batch_helpers.boxes_xyxy(batch, row)[:n], xyxy, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(batch['vectors'][row, :n], coder.encode_np(ref_masks, xyxy),
                                atol=1e-4)
   last = next(pipe.iterator(start_step=39))

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import coco as coco_api
 
+import batch_helpers
 from configs import solq_r50
 from configs import tiny
 from solq_jax import box_ops
@@ -15,6 +16,15 @@ from solq_jax import masks as masks_lib
 from solq_jax.data import synthetic
 from solq_jax.data import targets as targets_lib
 from solq_jax.data import transforms as T
+
+
+def _train_pipeline(config, **kwargs):
+  return data.train_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
+
+def _eval_pipeline(config, **kwargs):
+  return data.eval_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
 
 TRAIN, VAL = 'train', 'val'
 
@@ -155,17 +165,17 @@ def test_ensure_dataset_writes_once_reuses_and_repairs(tmp_path):
 
 
 def test_same_seed_same_batches_and_seed_changes_order(gen_root):
-  a = _batches(data.train_pipeline(_config(gen_root), process_count=1, process_index=0), 3)
-  b = _batches(data.train_pipeline(_config(gen_root), process_count=1, process_index=0), 3)
+  a = _batches(_train_pipeline(_config(gen_root), process_count=1, process_index=0), 3)
+  b = _batches(_train_pipeline(_config(gen_root), process_count=1, process_index=0), 3)
   _assert_batches_equal(a, b)
   config = _config(gen_root)
   config.seed = 7
-  c = _batches(data.train_pipeline(config, process_count=1, process_index=0), 1)
+  c = _batches(_train_pipeline(config, process_count=1, process_index=0), 1)
   assert not np.array_equal(a[0]['image_id'], c[0]['image_id'])
 
 
 def test_batch_shapes_and_epoch_coverage(gen_root):
-  pipe = data.train_pipeline(_config(gen_root), process_count=1, process_index=0, num_epochs=2)
+  pipe = _train_pipeline(_config(gen_root), process_count=1, process_index=0, num_epochs=2)
   assert pipe.steps_per_epoch == 6 and len(pipe) == 12
   batches = _batches(pipe, 12)
   g, k = 16, 64
@@ -174,7 +184,7 @@ def test_batch_shapes_and_epoch_coverage(gen_root):
     assert n == 4 and (h, w) in {(256, 256), (256, 320), (320, 256), (320, 320)}
     assert b['pad_mask'].shape == (4, h, w) and b['vectors'].shape == (4, g, k)
     for row in range(4):
-      sh, sw = b['size'][row]
+      sh, sw = batch_helpers.unpadded_hw(b['pad_mask'][row])
       assert not b['pad_mask'][row, :sh, :sw].any() and b['pad_mask'][row].sum() == h * w - sh * sw
       assert (b['images'][row][b['pad_mask'][row]] == 0).all()
       v = b['valid'][row]
@@ -187,21 +197,23 @@ def test_batch_shapes_and_epoch_coverage(gen_root):
 def test_group_by_orientation():
   rng = np.random.default_rng(0)
   for n, b in [(50, 4), (37, 5), (9, 4), (64, 8)]:
-    plan = [(i, [], tuple(int(v) for v in rng.integers(100, 200, 2))) for i in range(n)]
+    plan = [data.pipeline.PlannedRecord(i, [], tuple(int(v) for v in rng.integers(100, 200, 2)))
+            for i in range(n)]
     batches = data.pipeline.group_by_orientation(plan, b)
     assert len(batches) == n // b and all(len(x) == b for x in batches)
-    used = [r[0] for x in batches for r in x]
+    used = [r.index for x in batches for r in x]
     assert len(set(used)) == len(used)
-    mixed = [x for x in batches if len({r[2][0] <= r[2][1] for r in x}) > 1]
+    mixed = [x for x in batches if len({r.hw[0] <= r.hw[1] for r in x}) > 1]
     assert len(mixed) <= 1 and (not mixed or mixed[0] is batches[-1])
 
 
 def test_grouped_train_batches_pad_to_one_orientation(gen_root):
   config = _config(gen_root, **{'train.batch_size': 2})
-  pipe = data.train_pipeline(config, process_count=1, process_index=0, num_epochs=1)
+  pipe = _train_pipeline(config, process_count=1, process_index=0, num_epochs=1)
   mixed = 0
   for b in _batches(pipe, len(pipe)):
-    orient = set((b['size'][:, 0] <= b['size'][:, 1]).tolist())
+    sizes = batch_helpers.unpadded_sizes(b['pad_mask'])
+    orient = set((sizes[:, 0] <= sizes[:, 1]).tolist())
     mixed += len(orient) > 1
     if len(orient) == 1:
       short_axis = 1 if orient == {True} else 2   # the short side pads to the short bucket
@@ -210,7 +222,7 @@ def test_grouped_train_batches_pad_to_one_orientation(gen_root):
 
 
 def test_resume_continues_with_exactly_the_next_batch(gen_root):
-  pipe = data.train_pipeline(_config(gen_root), process_count=1, process_index=0)
+  pipe = _train_pipeline(_config(gen_root), process_count=1, process_index=0)
   it = pipe.iterator()
   next(it), next(it)
   state = it.get_state()
@@ -222,8 +234,8 @@ def test_resume_continues_with_exactly_the_next_batch(gen_root):
 
 
 def test_worker_process_gives_the_same_batches_and_resumes(gen_root):
-  pipe0 = data.train_pipeline(_config(gen_root), process_count=1, process_index=0)
-  pipe1 = data.train_pipeline(_config(gen_root, **{'data.num_workers': 1}),
+  pipe0 = _train_pipeline(_config(gen_root), process_count=1, process_index=0)
+  pipe1 = _train_pipeline(_config(gen_root, **{'data.num_workers': 1}),
                               process_count=1, process_index=0)
   expected = _batches(pipe0, 4)
   it = pipe1.iterator()
@@ -238,28 +250,28 @@ def test_worker_process_gives_the_same_batches_and_resumes(gen_root):
 
 
 def test_processes_take_disjoint_rows_of_one_global_batch(gen_root):
-  whole = _batches(data.train_pipeline(_config(gen_root), process_count=1, process_index=0), 2)
-  parts = [_batches(data.train_pipeline(_config(gen_root), process_count=2, process_index=p), 2)
+  whole = _batches(_train_pipeline(_config(gen_root), process_count=1, process_index=0), 2)
+  parts = [_batches(_train_pipeline(_config(gen_root), process_count=2, process_index=p), 2)
            for p in range(2)]
   for step in range(2):
     for k in data.BATCH_KEYS:  # same padded shape on both processes, rows split in order
       np.testing.assert_array_equal(
           np.concatenate([parts[0][step][k], parts[1][step][k]]), whole[step][k])
   with pytest.raises(ValueError, match='not divisible'):
-    data.train_pipeline(_config(gen_root), process_count=3, process_index=0)
+    _train_pipeline(_config(gen_root), process_count=3, process_index=0)
 
 
 def test_eval_last_batch_is_padded_with_invalid_entries(gen_root):
-  pipe = data.eval_pipeline(_config(gen_root), process_count=1, process_index=0)
+  pipe = _eval_pipeline(_config(gen_root), process_count=1, process_index=0)
   assert len(pipe) == 3
   batches = _batches(pipe, 3)
   ids = np.concatenate([b['image_id'] for b in batches])
   assert sorted(ids[:10].tolist()) == list(range(1, 11)) and ids[10:].tolist() == [-1, -1]
-  sizes = np.concatenate([b['size'] for b in batches])[:10]
+  sizes = np.concatenate([batch_helpers.unpadded_sizes(b['pad_mask']) for b in batches])[:10]
   landscape = (sizes[:, 0] <= sizes[:, 1]).tolist()
   assert landscape == sorted(landscape, reverse=True)  # grouped: landscape images first
   config = _config(gen_root, **{'data.group_by_aspect': False})
-  plain = _batches(data.eval_pipeline(config, process_count=1, process_index=0), 3)
+  plain = _batches(_eval_pipeline(config, process_count=1, process_index=0), 3)
   assert np.concatenate([b['image_id'] for b in plain]).tolist() == list(range(1, 11)) + [-1, -1]
   last = batches[-1]
   assert not last['valid'][2:].any() and last['valid'][:2].any()
@@ -270,11 +282,11 @@ def test_eval_targets_equal_an_independent_computation(gen_root):
   config = _config(gen_root)
   coder = masks_lib.build_coder(config.model)
   c = coco_api.COCO(str(gen_root / 'annotations' / f'instances_{VAL}.json'))
-  batch = _batches(data.eval_pipeline(config, process_count=1, process_index=0), 1)[0]
+  batch = _batches(_eval_pipeline(config, process_count=1, process_index=0), 1)[0]
   for row, image_id in enumerate(batch['image_id']):
     img = c.imgs[int(image_id)]
     h0, w0 = img['height'], img['width']
-    h, w = batch['size'][row]
+    h, w = batch_helpers.unpadded_hw(batch['pad_mask'][row])
     assert (h, w) == T.resized_hw((h0, w0), 256, 320)
     assert batch['orig_size'][row].tolist() == [h0, w0]
     anns = c.imgToAnns[int(image_id)]
@@ -285,7 +297,7 @@ def test_eval_targets_equal_an_independent_computation(gen_root):
     ref_masks = np.stack([c.annToMask(a).astype(bool)[rows][:, cols] for a in anns])
     ref_xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a['bbox'] for a in anns)],
                         np.float32) * np.array([w / w0, h / h0] * 2, np.float32)
-    np.testing.assert_allclose(batch['boxes_xyxy'][row, :n], ref_xyxy, rtol=1e-5)
+    np.testing.assert_allclose(batch_helpers.boxes_xyxy(batch, row)[:n], ref_xyxy, rtol=1e-5)
     cx, cy = (ref_xyxy[:, 0] + ref_xyxy[:, 2]) / 2 / w, (ref_xyxy[:, 1] + ref_xyxy[:, 3]) / 2 / h
     np.testing.assert_allclose(batch['boxes'][row, :n, 0], cx, rtol=1e-5)
     np.testing.assert_allclose(batch['boxes'][row, :n, 1], cy, rtol=1e-5)

@@ -26,6 +26,15 @@ from solq_jax.data import tfds_builder  # noqa: E402
 from solq_jax.data import transforms  # noqa: E402
 import train_micro_config  # noqa: E402
 
+
+def _train_pipeline(config, **kwargs):
+  return pipeline.train_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
+
+def _eval_pipeline(config, **kwargs):
+  return pipeline.eval_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
+
+
 NAME = 'solq_shapes'
 SPLITS = {'train': 'train2017', 'validation': 'val2017'}
 
@@ -121,7 +130,7 @@ def test_targets_equal_coco_after_augmentation(dataset):
              for s in (t.load(i), c.load(j))]
       np.testing.assert_array_equal(out[0]['valid'], out[1]['valid'])
       np.testing.assert_array_equal(out[0]['labels'], out[1]['labels'])
-      for k in ('boxes_xyxy', 'boxes', 'vectors'):
+      for k in ('boxes', 'vectors'):
         np.testing.assert_array_equal(out[0][k], out[1][k], err_msg=k)
 
 
@@ -130,7 +139,7 @@ def test_eval_batches_equal_coco(dataset):
   rows = []
   for config in (tfds_config(dataset), make_config(dataset)):
     config.eval.batch_size = 4
-    pipe = pipeline.eval_pipeline(
+    pipe = _eval_pipeline(
         config, process_index=0, process_count=1,
         source=(tfds_source.build_source(config, config.data.val_split)
                 if config.data.source == 'tfds' else None))
@@ -172,18 +181,18 @@ def test_ground_truth_coco_matches_json(dataset):
 
 
 def test_ground_truth_scores_perfect_detections(dataset):
-  """COCOeval (solq_jax.evaluation) on the in-memory GT: the GT as detections has AP 1."""
-  from solq_jax import evaluation  # pylint: disable=g-import-not-at-top
+  """COCOeval (solq_jax.inference.coco_eval) on the in-memory GT: the GT as detections has AP 1."""
+  from solq_jax.inference import coco_eval  # pylint: disable=g-import-not-at-top
   t, _, _ = pairs(dataset)
   gt = t.coco_gt
   anns = list(gt.anns.values())
   for iou_type, field in (('bbox', 'bbox'), ('segm', 'segmentation')):
     results = [{'image_id': a['image_id'], 'category_id': a['category_id'], field: a[field],
                 'score': 0.9} for a in anns]
-    stats, _, _ = evaluation.coco_evaluate(gt, results, iou_type)
+    stats, _, _ = coco_eval.coco_evaluate(gt, results, iou_type)
     assert stats['AP'] == pytest.approx(1.0), iou_type
     wrong = [dict(r, category_id=r['category_id'] % 5 + 1) for r in results]
-    assert evaluation.coco_evaluate(gt, wrong, iou_type)[0]['AP'] < 0.5
+    assert coco_eval.coco_evaluate(gt, wrong, iou_type)[0]['AP'] < 0.5
 
 
 def test_label_map_and_num_classes(dataset):
@@ -239,14 +248,16 @@ def test_train_steps_and_evaluation_from_tfds(dataset):
   """Two train steps of the micro config (the step compiled once per session, shared with the
   training tests) on TFDS batches, then COCO bbox + segm evaluation against the in-memory GT."""
   import jax  # pylint: disable=g-import-not-at-top
-  from solq_jax import evaluation  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from solq_jax.inference import evaluate
+  from solq_jax.inference import postprocess
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import train_helpers  # pylint: disable=g-import-not-at-top
   tr = train_helpers.trainer(1)
   config = tfds_config(dataset)
   source = tfds_source.build_source(config, config.data.train_split)
-  train = pipeline.train_pipeline(config, source=source, num_epochs=2, process_index=0,
-                                  process_count=1)
+  train = _train_pipeline(config, source=source, num_epochs=2, process_index=0,
+                          process_count=1)
   assert train.steps_per_epoch == 1 and len(train) == 2
   state = tr.initial_state()
   losses = []
@@ -256,10 +267,10 @@ def test_train_steps_and_evaluation_from_tfds(dataset):
     losses.append(float(jax.device_get(metrics['total'])))
   assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
   val = tfds_source.build_source(config, config.data.val_split)
-  batches = pipeline.eval_pipeline(config, source=val, process_index=0,
-                                   process_count=1).iterator()
-  ev = evaluation.evaluate(tr.model, state.variables, batches, val.coco_gt, config,
-                           mesh=tr.mesh, progress=False, log=lambda *_: None)
+  batches = _eval_pipeline(config, source=val, process_index=0, process_count=1).iterator()
+  ev = evaluate.evaluate(postprocess.make_forward(tr.model), state.variables, batches,
+                         val.coco_gt, postprocess.Postprocessor.from_config(config.eval, tr.coder),
+                         mesh=tr.mesh, progress=False, log=lambda *_: None)
   assert ev['num_images'] == 6
   for key in ('bbox/AP', 'segm/AP'):
     assert 0.0 <= ev['summary'][key] <= 1.0, (key, ev['summary'][key])

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from solq_jax import box_ops
 from solq_jax.data import transforms as T
 
 
@@ -70,14 +71,14 @@ def test_plan_eval_uses_config_sizes(r50_config, tiny_config):
 
 def test_nearest_indices_legacy_rule():
   for n_in, n_out in [(10, 20), (20, 10), (427, 800), (800, 427), (7, 7), (5, 13), (640, 1199)]:
-    got = T.nearest_indices(n_in, n_out)
+    got = box_ops.legacy_nearest_indices(n_in, n_out)
     scale = np.float32(n_in) / np.float32(n_out)
     want = [min(int(np.floor(np.float32(j) * scale)), n_in - 1) for j in range(n_out)]
     assert got.tolist() == want
     exact = [min(j * n_in // n_out, n_in - 1) for j in range(n_out)]
     assert np.mean(np.array(want) == np.array(exact)) > 0.99
-  assert T.nearest_indices(10, 20).tolist() == [j // 2 for j in range(20)]
-  assert T.nearest_indices(20, 10).tolist() == [2 * j for j in range(10)]
+  assert box_ops.legacy_nearest_indices(10, 20).tolist() == [j // 2 for j in range(20)]
+  assert box_ops.legacy_nearest_indices(20, 10).tolist() == [2 * j for j in range(10)]
 
 
 # ---------------------------------------------------------------- op-by-op reference transforms

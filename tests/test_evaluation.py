@@ -9,8 +9,10 @@ import pytest
 from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 
-from solq_jax import evaluation
-from solq_jax import postprocess as pp
+from solq_jax.inference import coco_eval as evaluation
+from solq_jax.inference import evaluate as evaluate_lib
+from solq_jax.inference import postprocess as pp
+from solq_jax import sharding
 from solq_jax.masks import DCTCoder, paste_masks_np
 
 # --- a tiny hand-made ground truth --------------------------------------------------------------
@@ -185,11 +187,12 @@ def test_oracle_on_coco_val158(coco_val158, r50_config, tmp_path):
     assert dict(jax.sharding.get_abstract_mesh().shape) == {'data': ORACLE_BATCH}  # per shard
     return queue.pop(0)
 
-  config = r50_config.copy_and_resolve_references()
-  config.eval.max_images = ORACLE_IMAGES - 2   # stops inside the last batch
-  mesh = jax.sharding.Mesh(jax.devices()[:ORACLE_BATCH], ('data',))
-  metrics = evaluation.evaluate(None, {}, batches, coco, config, mesh=mesh, forward_fn=forward,
-                                out_dir=str(tmp_path), progress=False, log=lambda s: None)
+  postprocessor = pp.Postprocessor.from_config(r50_config.eval, coder)
+  mesh = sharding.make_mesh(ORACLE_BATCH)
+  metrics = evaluate_lib.evaluate(forward, {}, batches, coco, postprocessor,
+                                  max_images=ORACLE_IMAGES - 2,   # stops inside the last batch
+                                  mesh=mesh, out_dir=str(tmp_path), progress=False,
+                                  log=lambda s: None)
   used = image_ids[:ORACLE_IMAGES - 2]
   assert metrics['num_images'] == len(used)
   bbox = metrics['bbox']
@@ -213,8 +216,8 @@ def test_run_tiny_model_on_coco_val158(coco_val158, tiny_config, tmp_path):
   config.data.num_workers = 0
   config.model.num_classes = 91                 # COCO ids up to 90
   config.eval.max_images = 5                     # one batch of 8 with 3 padded rows
-  mesh = jax.sharding.Mesh(jax.devices()[:config.eval.batch_size], ('data',))
-  metrics = evaluation.run(config, '', str(tmp_path), mesh)
+  mesh = sharding.make_mesh(config.eval.batch_size)
+  metrics = evaluate_lib.run(config, '', str(tmp_path), mesh)
   assert metrics['num_images'] == 5
   for t in ('bbox', 'segm'):
     assert 0.0 <= metrics[t]['AP'] <= 1.0

@@ -2,7 +2,7 @@
 
 The references below are literal loops over bins and samples (torchvision `roi_align` CPU,
 aligned=True, sampling_ratio=0) and over output pixels (detectron2 `paste_masks_in_image` via
-`grid_sample(bilinear, align_corners=False, zeros)`), written from the spec's description, in
+`grid_sample(bilinear, align_corners=False, zeros)`), written from the official code's description, in
 float32 with torchvision's operation order.
 """
 import math

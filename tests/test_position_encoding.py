@@ -3,12 +3,12 @@ import math
 
 import numpy as np
 
-from solq_jax.models.position_encoding import (downsample_mask, legacy_nearest_indices,
-                                               sine_position_encoding)
+from solq_jax import box_ops
+from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
 
 
 def _numpy_sine(mask, f):
-  """Spec 1.2 written out with explicit loops over pixels (float64)."""
+  """The sine encoding written out with explicit loops over pixels (float64)."""
   b, h, w = mask.shape
   out = np.zeros((b, h, w, 2 * f))
   for n in range(b):
@@ -39,7 +39,7 @@ def test_sine_encoding_matches_numpy_formula():
   got = np.asarray(sine_position_encoding(mask, f))
   want = _numpy_sine(mask, f)
   assert got.shape == (2, 7, 9, 2 * f)
-  # spec quirk 14: fully padded rows/cols divide by 1e-6; compare everywhere else
+  # as the official code, fully padded rows/cols divide by 1e-6; compare everywhere else
   row_ok = (~mask).any(axis=2)[:, :, None]
   col_ok = (~mask).any(axis=1)[:, None, :]
   np.testing.assert_allclose(got[..., :f][np.broadcast_to(col_ok, mask.shape)],
@@ -62,11 +62,11 @@ def test_sine_encoding_offset_and_order():
 
 def test_legacy_nearest_indices():
   # torch: F.interpolate(size 5 -> 3, 'nearest') reads 0, 1, 3; 8 -> 2 reads 0, 4
-  np.testing.assert_array_equal(legacy_nearest_indices(5, 3), [0, 1, 3])
-  np.testing.assert_array_equal(legacy_nearest_indices(8, 2), [0, 4])
-  np.testing.assert_array_equal(legacy_nearest_indices(800, 100), np.arange(100) * 8)
+  np.testing.assert_array_equal(box_ops.legacy_nearest_indices(5, 3), [0, 1, 3])
+  np.testing.assert_array_equal(box_ops.legacy_nearest_indices(8, 2), [0, 4])
+  np.testing.assert_array_equal(box_ops.legacy_nearest_indices(800, 100), np.arange(100) * 8)
   for n_in, n_out in [(1066, 134), (333, 42), (517, 17), (7, 13)]:
-    idx = legacy_nearest_indices(n_in, n_out)
+    idx = box_ops.legacy_nearest_indices(n_in, n_out)
     exact = np.minimum((np.arange(n_out) * n_in) // n_out, n_in - 1)
     # float32 arithmetic may only fall one below the exact floor, at exact multiples
     assert np.all((idx == exact) | ((idx == exact - 1) & ((np.arange(n_out) * n_in) % n_out == 0)))

@@ -1,9 +1,9 @@
-"""postprocess: top-k selection, boxes at the original size, masks pasted per image."""
+"""Postprocessor: top-k selection, boxes at the original size, masks pasted per image."""
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from solq_jax import postprocess as pp
+from solq_jax.inference import postprocess as pp
 from solq_jax.masks import DCTCoder, paste_masks_np
 
 
@@ -43,7 +43,7 @@ SIZES = np.array([[37, 50], [64, 21]])
 
 
 def test_topk_boxes_against_numpy(outputs, coder):
-  dets = pp.postprocess(outputs, SIZES, coder, top_k=7, size_multiple=32)
+  dets = pp.Postprocessor(coder, top_k=7, size_multiple=32)(outputs, SIZES)
   ref = _reference_topk(outputs['pred_logits'], outputs['pred_boxes'], SIZES, 7)
   for det, (scores, labels, query, boxes) in zip(dets, ref):
     np.testing.assert_allclose(det['scores'], scores, rtol=1e-6)
@@ -56,8 +56,8 @@ def test_topk_boxes_against_numpy(outputs, coder):
 @pytest.mark.parametrize('max_exact_sizes', [0, 32])   # bucketed canvas + crop / exact canvas
 def test_masks_equal_decode_then_paste_at_exact_size(outputs, coder, max_exact_sizes):
   """Canvas choice, crop and transposed layout must not change a pixel vs a plain paste."""
-  dets = pp.postprocess(outputs, SIZES, coder, top_k=7, size_multiple=32,
-                        max_exact_sizes=max_exact_sizes)
+  dets = pp.Postprocessor(coder, top_k=7, size_multiple=32,
+                          max_exact_sizes=max_exact_sizes)(outputs, SIZES)
   for b, det in enumerate(dets):
     vectors = outputs['pred_vectors'][b, det['query_index']]
     box_masks = np.asarray(coder.decode(vectors))
@@ -75,18 +75,28 @@ def test_ties_ordered_by_flat_index_and_fewer_candidates_than_k(coder):
   boxes = np.tile(np.array([0.5, 0.5, 0.2, 0.2], np.float32), (1, 3, 1))
   out = dict(pred_logits=logits, pred_boxes=boxes,
              pred_vectors=np.zeros((1, 3, 24), np.float32))
-  det = pp.postprocess(out, [[10, 20]], coder, top_k=100)[0]
+  det = pp.Postprocessor(coder, top_k=100)(out, [[10, 20]])[0]
   assert len(det['scores']) == 12                  # Q * C < top_k: every candidate, once
   flat = det['query_index'] * 4 + det['labels']
   np.testing.assert_array_equal(flat, [9, 0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 3])
-  det5 = pp.postprocess(out, [[10, 20]], coder, top_k=5, with_masks=False)[0]
+  det5 = pp.Postprocessor(coder, top_k=5, with_masks=False)(out, [[10, 20]])[0]
   np.testing.assert_array_equal(det5['query_index'] * 4 + det5['labels'], [9, 0, 1, 2, 4])
   assert 'masks' not in det5
 
 
 def test_rows_not_kept_are_skipped(outputs, coder):
-  dets = pp.postprocess(outputs, SIZES, coder, top_k=3, keep=np.array([False, True]))
+  dets = pp.Postprocessor(coder, top_k=3)(outputs, SIZES, keep=np.array([False, True]))
   assert dets[0] is None and dets[1]['masks'].shape == (3, *SIZES[1])
+
+
+def test_exact_canvases_are_counted_per_postprocessor(outputs, coder):
+  """The cap on exact canvases belongs to one Postprocessor: a new one starts afresh."""
+  first = pp.Postprocessor(coder, top_k=2, max_exact_sizes=1)
+  first(outputs, SIZES)
+  assert first._exact_sizes == {tuple(SIZES[0])}     # the second size went to a bucket
+  second = pp.Postprocessor(coder, top_k=2, max_exact_sizes=1)
+  second(outputs, SIZES[::-1])
+  assert second._exact_sizes == {tuple(SIZES[1])}
 
 
 def test_canvas_size():
@@ -97,9 +107,9 @@ def test_canvas_size():
 
 def test_bad_target_sizes(outputs, coder):
   with pytest.raises(ValueError, match='target_sizes'):
-    pp.postprocess(outputs, [[10, 10]], coder)
+    pp.Postprocessor(coder)(outputs, [[10, 10]])
   with pytest.raises(ValueError, match='positive'):
-    pp.postprocess(outputs, [[10, 10], [0, 5]], coder)
+    pp.Postprocessor(coder)(outputs, [[10, 10], [0, 5]])
 
 
 def test_encode_rle_round_trip():

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from solq_jax import predict
-from solq_jax import visualize
+from solq_jax.inference import predict
+from solq_jax.inference import visualize
 
 GREY = 128   # palette colours have a channel >= 100 away from 128: a tinted pixel always changes
 

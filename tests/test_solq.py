@@ -17,7 +17,7 @@ def _paths(tree):
 
 
 def _contract_paths(layers=6, levels=4, blocks=(3, 4, 6, 3)):
-  """The parameter tree of COMMON.md contract 1 for a bottleneck ResNet config."""
+  """The parameter tree (docs/design.md, "Parameters") for a bottleneck ResNet config."""
   kb = ('kernel', 'bias')
   paths = {'backbone/conv1/kernel', 'query_embed/embedding', 'transformer/level_embed'}
   for i, n in enumerate(blocks, 1):
@@ -46,7 +46,7 @@ def _contract_paths(layers=6, levels=4, blocks=(3, 4, 6, 3)):
 
 @pytest.fixture(scope='module')
 def r50_shapes(r50_config):
-  model = build_model(r50_config)
+  model = build_model(r50_config.model)
   images = jax.ShapeDtypeStruct((2, 333, 517, 3), jnp.float32)
   pad = jax.ShapeDtypeStruct((2, 333, 517), jnp.bool_)
   variables = jax.eval_shape(model.init, jax.random.key(0), images, pad)
@@ -97,7 +97,7 @@ def _odd_batch(h, w, sizes):
 
 @pytest.fixture(scope='module')
 def tiny(tiny_config):
-  model = build_model(tiny_config)
+  model = build_model(tiny_config.model)
   images, pad = _odd_batch(67, 91, [(67, 91), (50, 60)])
   variables = init_variables(model, jax.random.key(0))
   out = jax.jit(model.apply)(variables, images, pad)
@@ -161,7 +161,7 @@ def test_initial_embeddings_and_projections(tiny):
 
 
 def test_tiny_shapes_on_odd_sizes(tiny_config):
-  model = build_model(tiny_config)
+  model = build_model(tiny_config.model)
   images = jax.ShapeDtypeStruct((2, 333, 517, 3), jnp.float32)
   pad = jax.ShapeDtypeStruct((2, 333, 517), jnp.bool_)
   variables = jax.eval_shape(model.init, jax.random.key(0), images, pad)
@@ -172,19 +172,19 @@ def test_tiny_shapes_on_odd_sizes(tiny_config):
 
 
 def test_bad_inputs_are_named(tiny_config):
-  model = build_model(tiny_config)
+  model = build_model(tiny_config.model)
   with pytest.raises(ValueError, match='pad_mask'):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                    jnp.zeros((1, 32, 31), bool))
   bad = tiny_config.copy_and_resolve_references()
   bad.model.backbone = 'resnet9'
   with pytest.raises(ValueError, match='resnet9'):
-    jax.eval_shape(build_model(bad).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    jax.eval_shape(build_model(bad.model).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                    jnp.zeros((1, 32, 32), bool))
   bad.model.backbone = 'resnet18'
   bad.model.num_feature_levels = 2
   with pytest.raises(ValueError, match='num_feature_levels'):
-    jax.eval_shape(build_model(bad).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    jax.eval_shape(build_model(bad.model).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                    jnp.zeros((1, 32, 32), bool))
 
 
@@ -194,7 +194,7 @@ def test_config_variants(tiny_config, refine, levels):
   config = tiny_config.copy_and_resolve_references()
   config.model.with_box_refine = refine
   config.model.num_feature_levels = levels
-  model = build_model(config)
+  model = build_model(config.model)
   images = jax.ShapeDtypeStruct((1, 97, 131, 3), jnp.float32)
   pad = jax.ShapeDtypeStruct((1, 97, 131), jnp.bool_)
   variables = jax.eval_shape(model.init, jax.random.key(0), images, pad)

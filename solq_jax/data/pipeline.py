@@ -1,4 +1,4 @@
-"""Batches of contract 4 from a source: deterministic order, size buckets, process sharding, grain.
+"""Batches (docs/design.md, "Batch") from a source: deterministic order, size buckets, process sharding, grain.
 
 Every element of the grain dataset is one process-local batch, built by a picklable callable
 from the *global* step number alone:
@@ -16,6 +16,8 @@ from the *global* step number alone:
 Resuming: the grain iterator's `get_state()` / `set_state()`, or `Pipeline.iterator(start_step)`.
 Workers: `data.num_workers` grain processes (0 = in-process), each building whole batches.
 """
+from typing import NamedTuple
+
 import grain
 import numpy as np
 
@@ -24,8 +26,19 @@ from solq_jax.data import synthetic
 from solq_jax.data import targets as targets_lib
 from solq_jax.data import transforms
 
-BATCH_KEYS = ('images', 'pad_mask', 'labels', 'boxes', 'boxes_xyxy', 'vectors', 'valid',
-              'image_id', 'orig_size', 'size')
+# What a batch holds (docs/design.md, "Batch"): the model's inputs, the criterion's targets, and
+# the image id and original size that evaluation reads on the host.
+BATCH_KEYS = ('images', 'pad_mask', 'labels', 'boxes', 'vectors', 'valid', 'image_id',
+              'orig_size')
+# The keys the train step reads on the devices; only these are copied there.
+TRAIN_DEVICE_KEYS = ('images', 'pad_mask', 'labels', 'boxes', 'vectors', 'valid')
+
+
+class PlannedRecord(NamedTuple):
+  """One row of a global batch, planned from the step number alone."""
+  index: int      # the source record, or -1 for the filler of a short final eval batch
+  ops: list       # the transform ops (`solq_jax.data.transforms`)
+  hw: tuple       # the (h, w) the ops produce
 
 
 def _round_up(x, multiple):
@@ -71,12 +84,10 @@ def _empty_batch(n, hw, max_gt, num_coeffs):
       pad_mask=np.ones((n, h, w), bool),
       labels=np.zeros((n, max_gt), np.int32),
       boxes=np.zeros((n, max_gt, 4), np.float32),
-      boxes_xyxy=np.zeros((n, max_gt, 4), np.float32),
       vectors=np.zeros((n, max_gt, num_coeffs), np.float32),
       valid=np.zeros((n, max_gt), bool),
       image_id=np.full((n,), -1, np.int32),
-      orig_size=np.zeros((n, 2), np.int32),
-      size=np.zeros((n, 2), np.int32))
+      orig_size=np.zeros((n, 2), np.int32))
 
 
 class _Batcher:
@@ -96,30 +107,29 @@ class _Batcher:
     self.max_gt = data_config.max_gt
 
   def records(self, step):
-    """[(record index or -1, ops, planned (h, w))] of the global batch `step`."""
+    """The `PlannedRecord`s of the global batch `step`."""
     raise NotImplementedError
 
   def __call__(self, step):
     plan = self.records(step)
-    hw = bucket_shape([p[2] for p in plan], self.sizes, self.data_config.bucket_multiple)
+    hw = bucket_shape([p.hw for p in plan], self.sizes, self.data_config.bucket_multiple)
     lo = self.process_index * self.local_batch
     local = plan[lo:lo + self.local_batch]
     batch = _empty_batch(len(local), hw, self.max_gt, self.coder.num_coeffs)
-    for row, (index, ops, planned) in enumerate(local):
-      if index < 0:  # filler of a short final eval batch: a harmless all-valid zero image
+    for row, record in enumerate(local):
+      if record.index < 0:  # filler of a short final eval batch: a harmless all-valid zero image
         batch['pad_mask'][row] = False
-        batch['size'][row] = batch['orig_size'][row] = hw
+        batch['orig_size'][row] = hw
         continue
-      sample = transforms.apply_ops(self.source.load(index), ops)
+      sample = transforms.apply_ops(self.source.load(record.index), record.ops)
       h, w = sample['image'].height, sample['image'].width
-      assert (h, w) == tuple(planned), (self.source.path(index), (h, w), planned)
+      assert (h, w) == tuple(record.hw), (self.source.path(record.index), (h, w), record.hw)
       batch['images'][row, :h, :w] = transforms.normalize_image(sample['image'])
       batch['pad_mask'][row, :h, :w] = False
       for k, v in targets_lib.make_targets(sample, self.coder, self.max_gt).items():
         batch[k][row] = v
       batch['image_id'][row] = sample['image_id']
       batch['orig_size'][row] = sample['orig_size']
-      batch['size'][row] = (h, w)
     return batch
 
 
@@ -134,7 +144,7 @@ def group_by_orientation(plan, batch_size):
   queues = {True: [], False: []}
   batches = []
   for record in plan:
-    queue = queues[record[2][0] <= record[2][1]]
+    queue = queues[record.hw[0] <= record.hw[1]]
     queue.append(record)
     if len(queue) == batch_size:
       batches.append(list(queue))
@@ -163,7 +173,7 @@ class TrainBatcher(_Batcher):
   def plan_record(self, epoch, index):
     rng = np.random.default_rng([self.seed, 1, epoch, int(index)])
     ops, hw = transforms.plan_train(rng, self.source.hw(index), self.data_config)
-    return int(index), ops, hw
+    return PlannedRecord(int(index), ops, hw)
 
   def _cached(self, kind, epoch, compute):
     """Per-instance memo of the last two epochs' orders / batches."""
@@ -202,15 +212,16 @@ class EvalBatcher(_Batcher):
     super().__init__(*args, **kwargs)
     n = len(self.source)
     n = min(n, max_images) if max_images else n
-    self.plan = [(i, *transforms.plan_eval(self.source.hw(i), self.data_config)) for i in range(n)]
+    self.plan = [PlannedRecord(i, *transforms.plan_eval(self.source.hw(i), self.data_config))
+                 for i in range(n)]
     if self.data_config.group_by_aspect:
-      self.plan.sort(key=lambda record: record[2][0] > record[2][1])  # stable: landscape first
+      self.plan.sort(key=lambda record: record.hw[0] > record.hw[1])  # stable: landscape first
     self.num_images = n
     self.num_steps = -(-n // self.global_batch)
 
   def records(self, step):
     plan = self.plan[step * self.global_batch:(step + 1) * self.global_batch]
-    return plan + [(-1, [], (1, 1))] * (self.global_batch - len(plan))
+    return plan + [PlannedRecord(-1, [], (1, 1))] * (self.global_batch - len(plan))
 
 
 def _grain_workers_outside_absl():
@@ -275,14 +286,14 @@ class Pipeline:
     return self.num_steps
 
 
-def train_pipeline(config, *, source=None, num_epochs=None, process_index=None,
+def train_pipeline(config, coder, *, source=None, num_epochs=None, process_index=None,
                    process_count=None):
   """Augmented, shuffled train batches of `config.train.batch_size` (global) for `num_epochs`
-  (default `config.train.epochs`); this process's rows only. `.steps_per_epoch` is set."""
-  from solq_jax import masks  # pylint: disable=g-import-not-at-top
+  (default `config.train.epochs`); this process's rows only. `.steps_per_epoch` is set.
+  `coder`: the run's mask coder (encodes the ground-truth masks)."""
   source = source or build_source(config, config.data.train_split)
   p, n = _process(process_index, process_count)
-  batcher = TrainBatcher(source, masks.build_coder(config.model), config.data,
+  batcher = TrainBatcher(source, coder, config.data,
                          config.train.batch_size, p, n, seed=config.seed)
   epochs = config.train.epochs if num_epochs is None else num_epochs
   pipe = Pipeline(batcher, config.data, epochs * batcher.steps_per_epoch)
@@ -290,12 +301,12 @@ def train_pipeline(config, *, source=None, num_epochs=None, process_index=None,
   return pipe
 
 
-def eval_pipeline(config, *, source=None, split=None, process_index=None, process_count=None):
+def eval_pipeline(config, coder, *, source=None, split=None, process_index=None,
+                  process_count=None):
   """Eval batches of `config.eval.batch_size` (global) over `split` (default `data.val_split`),
   at most `config.eval.max_images` (0 = all); the last batch is filled with image_id -1."""
-  from solq_jax import masks  # pylint: disable=g-import-not-at-top
   source = source or build_source(config, split or config.data.val_split)
   p, n = _process(process_index, process_count)
-  batcher = EvalBatcher(source, masks.build_coder(config.model), config.data,
+  batcher = EvalBatcher(source, coder, config.data,
                         config.eval.batch_size, p, n, max_images=config.eval.max_images)
   return Pipeline(batcher, config.data, batcher.num_steps)

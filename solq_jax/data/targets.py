@@ -1,8 +1,8 @@
-"""Training targets from an augmented sample, padded to `max_gt` (contract 4).
+"""Training targets from an augmented sample, padded to `max_gt` (docs/design.md, "Batch").
 
 Computed on the host after augmentation, from the unpadded augmented masks and the absolute xyxy
-GT boxes (spec section 8 item 6: the official code crops from the batch-padded masks; computing
-from the unpadded masks is the deliberate, harmless fix). Mask vectors come from the model's
+GT boxes (the official code crops from the batch-padded masks; computing from the unpadded masks
+is a deliberate, harmless fix, docs/deviations.md). Mask vectors come from the model's
 mask coder (`solq_jax.masks.build_coder(config.model).encode_np`).
 """
 import logging
@@ -33,7 +33,7 @@ def make_targets(sample, coder, max_gt):
   """Padded targets of one augmented sample.
 
   Returns `labels int32 [G]`, `boxes float32 [G,4]` (cxcywh / (w, h) of the augmented image),
-  `boxes_xyxy float32 [G,4]` (absolute pixels), `vectors float32 [G,K]`, `valid bool [G]`.
+  `vectors float32 [G,K]`, `valid bool [G]`.
   """
   sample = keep_largest(sample, max_gt)
   h, w = sample['masks'].shape[1:]
@@ -42,13 +42,11 @@ def make_targets(sample, coder, max_gt):
   out = dict(
       labels=np.zeros((max_gt,), np.int32),
       boxes=np.zeros((max_gt, 4), np.float32),
-      boxes_xyxy=np.zeros((max_gt, 4), np.float32),
       vectors=np.zeros((max_gt, coder.num_coeffs), np.float32),
       valid=np.zeros((max_gt,), bool))
   if n:
     out['labels'][:n] = sample['labels']
     out['boxes'][:n] = box_ops.xyxy_to_cxcywh(xyxy) / np.array([w, h, w, h], np.float32)
-    out['boxes_xyxy'][:n] = xyxy
     out['vectors'][:n] = coder.encode_np(sample['masks'], xyxy)
     out['valid'][:n] = True
   return out

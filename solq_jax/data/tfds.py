@@ -6,7 +6,7 @@ pillow). `TfdsSource` has the interface of `coco.CocoSource` (`__len__`, `hw`, `
 `annotations`, `load`), so the same transforms, targets and batches apply unchanged:
 
     source = TfdsSource(config.data, config.data.tfds_val_split, config.model.num_classes)
-    pipe = eval_pipeline(config, source=source)
+    pipe = eval_pipeline(config, coder, source=source)
     coco_gt = source.coco_gt       # in-memory pycocotools COCO (RLE masks) for COCOeval
 
 Features are found through `data.tfds_*_key` (defaults: the LVIS layout of `tfds`'s `lvis`):

@@ -7,12 +7,14 @@ plan on a sample. Planning without pixels lets every process agree on a batch's 
 
 A sample is a dict: `image` (PIL RGB), `masks` bool `[N,H,W]`, `boxes` float32 `[N,4]` absolute
 xyxy, `labels` int32 `[N]` (plus any other keys, passed through). The arithmetic mirrors the
-official float32 torch code (spec section 6): boxes scale by the float ratio of new to old size,
+official float32 torch code: boxes scale by the float ratio of new to old size,
 masks resize with PyTorch's legacy nearest rule, the crop clips boxes and removes the instances
 whose clipped box is empty.
 """
 import numpy as np
 from PIL import Image
+
+from solq_jax import box_ops
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -61,7 +63,7 @@ def _plan_crop(rng, hw, min_size, max_size):
 
 
 def plan_train(rng, hw, data_config):
-  """Random train ops for an image of size `hw` (spec section 6) -> (ops, output hw).
+  """The official random train ops for an image of size `hw` -> (ops, output hw).
 
   flip(0.5) -> RandomResize(scales, max) -> RandomSelect(0.5: RandomResize(scales, max) |
   RandomResize(crop_resize_scales) -> RandomSizeCrop(crop_min, crop_max) ->
@@ -93,16 +95,6 @@ def plan_eval(hw, data_config):
   return [('resize', out)], out
 
 
-def nearest_indices(in_size, out_size):
-  """Source index of each output index under PyTorch's legacy `mode='nearest'` (CPU kernel).
-
-  `src = min(floor(dst * scale), in - 1)` with `scale = in / out` in float32, as the kernel does.
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(src, in_size - 1)
-
-
 # The ops below move the image and boxes at once; masks are only re-indexed: each op updates
 # the source row / column / instance of every output mask pixel (`_rows`, `_cols`, `_inst`),
 # and `apply_ops` gathers the masks once at the end. Nearest resizes, flips and crops compose
@@ -129,8 +121,8 @@ def resize(sample, hw):
     s['image'] = image.resize((w, h), Image.BILINEAR)
   ratio = np.array([w / image.width, h / image.height] * 2, np.float32)
   s['boxes'] = (sample['boxes'] * ratio).astype(np.float32)
-  s['_rows'] = sample['_rows'][nearest_indices(image.height, h)]
-  s['_cols'] = sample['_cols'][nearest_indices(image.width, w)]
+  s['_rows'] = sample['_rows'][box_ops.legacy_nearest_indices(image.height, h)]
+  s['_cols'] = sample['_cols'][box_ops.legacy_nearest_indices(image.width, w)]
   return s
 
 

@@ -1,4 +1,4 @@
-"""The DCT mask coder (official SOLQ, spec section 2).
+"""The DCT mask coder of the official SOLQ.
 
 Encode: RoIAlign crop to the box (`roi_align.py`), orthonormal 2-D DCT-II, keep the first
 `num_coeffs` coefficients in JPEG zigzag order. Decode: zero-fill, inverse DCT, threshold each

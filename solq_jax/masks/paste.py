@@ -1,4 +1,4 @@
-"""Paste box-relative masks into the image, as detectron2 `paste_masks_in_image` (spec section 2).
+"""Paste box-relative masks into the image, as detectron2 `paste_masks_in_image`, which the official post-processing calls.
 
 For every output pixel (y, x) the official code samples the `S x S` mask with
 `grid_sample(bilinear, align_corners=False, padding zeros)` at

@@ -2,8 +2,8 @@
 
 Official SOLQ crops with detectron2 `BitMasks.crop_and_resize`, i.e. torchvision
 `roi_align(mask, box, (S, S), spatial_scale=1, sampling_ratio=0, aligned=True)` followed by
-`>= 0.5` (spec section 2, step 2). Per output bin (ph, pw) it averages `g_h x g_w` bilinear
-samples, `g = ceil(box_extent / S)` (adaptive), at
+`>= 0.5`. Per output bin (ph, pw) it averages `g_h x g_w` bilinear samples,
+`g = ceil(box_extent / S)` (adaptive), at
 
     y = (y0 - 0.5 + ph * bin_h) + (iy + 0.5) * bin_h / g_h        (same for x)
 
@@ -25,7 +25,8 @@ torchvision, the numpy twin and jnp; everything else is identical (tests; the be
 such pixels on real COCO masks).
 
 `image_hw` lets device code crop batch-padded masks with the unpadded semantics of the host
-(spec quirk 6: clamp at the true image edge instead of reading padding zeros).
+(a deliberate difference from the official code, docs/deviations.md: clamp at the true image
+edge instead of reading padding zeros).
 """
 import functools
 

@@ -1,27 +1,25 @@
-"""The SOLQ network in Flax Linen: `build_model(config)` is the public entry point."""
-import ml_collections
+"""The SOLQ network in Flax Linen: `build_model(config.model)` is the one adapter from config."""
+import dataclasses
 
 from solq_jax.models.solq import SOLQ, count_params, init_variables
 
-_REQUIRED = ('backbone', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward',
-             'dropout', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
-             'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs',
-             'attention_impl')
+# The SOLQ fields, read from the model config section of the same names.
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(SOLQ)
+                     if f.name not in ('parent', 'name'))
 
 
-def build_model(config) -> SOLQ:
-  """The SOLQ module for a whole experiment `config` (reads `config.model`).
+def build_model(model_config) -> SOLQ:
+  """The SOLQ module of a `model` config section (`config.model`).
 
   Use as `module.apply(variables, images, pad_mask, train=False)`; variables are
-  `{'params': ..., 'buffers': ...}` (from `module.init(rng, images, pad_mask)`, or faster
-  from `init_variables(module, rng)`).
+  `{'params': ..., 'buffers': ...}` (from `init_variables(module, rng)`).
   """
-  if 'model' not in config:
-    raise ValueError('build_model expects the whole experiment config (with a `model` section)')
-  missing = [k for k in _REQUIRED if k not in config.model]
+  if 'model' in model_config:
+    raise ValueError('build_model takes the model section (config.model), not the whole config')
+  missing = [k for k in MODEL_FIELDS if k not in model_config]
   if missing:
     raise ValueError(f'config.model lacks the fields {missing}')
-  return SOLQ(ml_collections.FrozenConfigDict(config.model))
+  return SOLQ(**{k: model_config[k] for k in MODEL_FIELDS})
 
 
-__all__ = ['SOLQ', 'build_model', 'count_params', 'init_variables']
+__all__ = ['SOLQ', 'MODEL_FIELDS', 'build_model', 'count_params', 'init_variables']

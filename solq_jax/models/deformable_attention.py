@@ -1,4 +1,4 @@
-"""The multi-scale deformable attention module (MSDeformAttn, spec 1.5).
+"""The multi-scale deformable attention module (the official MSDeformAttn).
 
 Projections and sampling-location arithmetic live here; the bilinear sampling itself is the core
 function `solq_jax.ops.ms_deform_attn.ms_deform_attn_core`, chosen by `impl`.

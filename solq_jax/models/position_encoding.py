@@ -1,4 +1,4 @@
-"""Sine position encoding and padding-mask down-sampling (spec 1.1 and 1.2).
+"""Sine position encoding and padding-mask down-sampling, as Deformable DETR computes them.
 
 Both are pure functions of the padding mask (True on padding), channels-last.
 """
@@ -6,6 +6,8 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+
+from solq_jax import box_ops
 
 
 def sine_position_encoding(pad_mask, num_pos_feats, temperature=10000.0, scale=2 * math.pi,
@@ -34,22 +36,9 @@ def sine_position_encoding(pad_mask, num_pos_feats, temperature=10000.0, scale=2
   return jnp.concatenate([encode(y_embed), encode(x_embed)], axis=-1)
 
 
-def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source indices of torch's legacy `F.interpolate(mode='nearest')` along one axis.
-
-  torch computes `min(floor(dst * float32(in / out)), in - 1)` in float32; so do we (on the
-  host: the sizes are static).
-  """
-  if out_size == in_size:
-    return np.arange(out_size)
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(src, in_size - 1)
-
-
 def downsample_mask(pad_mask, out_hw):
   """Padding mask `[B, H, W]` resized to `out_hw` by legacy nearest (a gather, not a max)."""
   h, w = pad_mask.shape[1:]
-  rows = legacy_nearest_indices(h, out_hw[0])
-  cols = legacy_nearest_indices(w, out_hw[1])
+  rows = box_ops.legacy_nearest_indices(h, out_hw[0])
+  cols = box_ops.legacy_nearest_indices(w, out_hw[1])
   return pad_mask[:, rows][:, :, cols]

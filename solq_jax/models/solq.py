@@ -1,4 +1,4 @@
-"""SOLQ: Deformable DETR with iterative box refinement plus a DCT mask-vector head (spec 1).
+"""SOLQ: Deformable DETR with iterative box refinement plus a DCT mask-vector head.
 
 `SOLQ.__call__(images [B,H,W,3], pad_mask [B,H,W], train=False)` returns per decoder layer the
 class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors; the last
@@ -37,42 +37,63 @@ class InputProj(nn.Module):
 
 
 class SOLQ(nn.Module):
-  """The whole network; `config` is the model section (`config.model`)."""
-  config: dict
+  """The whole network. The fields are those of the `model` config section of the same names
+  (configs/base.py says what each means); `build_model(config.model)` fills them."""
+  backbone: str = 'resnet50'
+  backbone_norm: str = 'frozen_bn'
+  backbone_frozen_stages: int = 1
+  hidden_dim: int = 384
+  nheads: int = 8
+  enc_layers: int = 6
+  dec_layers: int = 6
+  dim_feedforward: int = 1024
+  dropout: float = 0.1
+  num_queries: int = 300
+  num_classes: int = 91
+  num_feature_levels: int = 4
+  enc_n_points: int = 4
+  dec_n_points: int = 4
+  with_box_refine: bool = True
+  vector_hidden_dim: int = 1024
+  num_coeffs: int = 256
+  attention_impl: str = 'xla'
 
   def setup(self):
-    c = self.config
-    d = c.hidden_dim
+    d = self.hidden_dim
     if d % GN_GROUPS:
       raise ValueError(f'config.model.hidden_dim={d} must be a multiple of {GN_GROUPS} '
                        '(GroupNorm groups)')
-    if d % c.nheads:
-      raise ValueError(f'config.model.hidden_dim={d} must be divisible by nheads={c.nheads}')
-    if c.num_feature_levels == 2 or c.num_feature_levels < 1:
+    if d % self.nheads:
+      raise ValueError(f'config.model.hidden_dim={d} must be divisible by '
+                       f'nheads={self.nheads}')
+    if self.num_feature_levels == 2 or self.num_feature_levels < 1:
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
-                       f'(layer2..4 plus extra levels), got {c.num_feature_levels}')
-    self.backbone = ResNet(c.backbone, norm=c.backbone_norm,
-                           frozen_stages=c.backbone_frozen_stages)
+                       f'(layer2..4 plus extra levels), got {self.num_feature_levels}')
+    self.body = ResNet(self.backbone, norm=self.backbone_norm,
+                       frozen_stages=self.backbone_frozen_stages, name='backbone')
     n_backbone = self.num_backbone_levels
     self.input_proj = [InputProj(d, 1, 1) if l < n_backbone else InputProj(d, 3, 2)
-                       for l in range(c.num_feature_levels)]
+                       for l in range(self.num_feature_levels)]
     self.transformer = DeformableTransformer(
-        d_model=d, n_heads=c.nheads, enc_layers=c.enc_layers, dec_layers=c.dec_layers,
-        d_ffn=c.dim_feedforward, dropout=c.dropout, n_levels=c.num_feature_levels,
-        enc_n_points=c.enc_n_points, dec_n_points=c.dec_n_points, impl=c.attention_impl)
-    n_heads = c.dec_layers if c.with_box_refine else 1
+        d_model=d, n_heads=self.nheads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
+        d_ffn=self.dim_feedforward, dropout=self.dropout, n_levels=self.num_feature_levels,
+        enc_n_points=self.enc_n_points, dec_n_points=self.dec_n_points,
+        impl=self.attention_impl)
+    n_heads = self.dec_layers if self.with_box_refine else 1
     class_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
     self.class_embed = [
-        torch_dense(c.num_classes, d, bias_init=nn.initializers.constant(class_bias))
+        torch_dense(self.num_classes, d, bias_init=nn.initializers.constant(class_bias))
         for _ in range(n_heads)]
     self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 else None)
                        for i in range(n_heads)]
-    self.vector_embed = MLP(c.vector_hidden_dim, c.num_coeffs, 3, box_bias_quirk(c.num_coeffs))
-    self.query_embed = nn.Embed(c.num_queries, 2 * d, embedding_init=nn.initializers.normal(1.0))
+    self.vector_embed = MLP(self.vector_hidden_dim, self.num_coeffs, 3,
+                            box_bias_quirk(self.num_coeffs))
+    self.query_embed = nn.Embed(self.num_queries, 2 * d,
+                                embedding_init=nn.initializers.normal(1.0))
 
   @property
   def num_backbone_levels(self):
-    return 3 if self.config.num_feature_levels > 1 else 1
+    return 3 if self.num_feature_levels > 1 else 1
 
   def features(self, images, pad_mask):
     """Backbone, input projections, padding masks and position encodings of every level."""
@@ -81,32 +102,30 @@ class SOLQ(nn.Module):
     if pad_mask.shape != images.shape[:3]:
       raise ValueError(f'pad_mask must be {images.shape[:3]} (bool, True on padding), got '
                        f'{pad_mask.shape}')
-    return self.project(self.backbone(images), pad_mask)
+    return self.project(self.body(images), pad_mask)
 
   def project(self, feats, pad_mask):
     """Backbone maps (layer2..4) -> per-level `srcs [B,H_l,W_l,D]`, `masks`, `pos`."""
-    c = self.config
     pad_mask = pad_mask.astype(bool)
     feats = feats[-self.num_backbone_levels:]
     srcs, masks = [], []
-    for l in range(c.num_feature_levels):
+    for l in range(self.num_feature_levels):
       # the first extra level reads the raw last backbone map, later ones the previous level
       x = feats[l] if l < len(feats) else (feats[-1] if l == len(feats) else srcs[-1])
       srcs.append(self.input_proj[l](x))
       masks.append(downsample_mask(pad_mask, srcs[-1].shape[1:3]))
-    pos = [sine_position_encoding(m, c.hidden_dim // 2) for m in masks]
+    pos = [sine_position_encoding(m, self.hidden_dim // 2) for m in masks]
     return srcs, masks, pos
 
   def decode(self, memory, masks, train=False):
     """Decoder and heads: memory `[B, S, D]` and per-level masks -> the output dict."""
-    c = self.config
-    refine = self.bbox_embed if c.with_box_refine else None
+    refine = self.bbox_embed if self.with_box_refine else None
     hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
                                                     train, refine)
     outputs = []
     for l, h in enumerate(hs):
-      head = l if c.with_box_refine else 0
-      box = boxes[l] if c.with_box_refine else refine_boxes(self.bbox_embed[0](h), references[l])
+      head = l if self.with_box_refine else 0
+      box = boxes[l] if self.with_box_refine else refine_boxes(self.bbox_embed[0](h), references[l])
       outputs.append({'pred_logits': self.class_embed[head](h), 'pred_boxes': box,
                       'pred_vectors': self.vector_embed(h)})
     out = dict(outputs[-1])

@@ -1,4 +1,4 @@
-"""The deformable transformer (spec 1.4): post-norm encoder and decoder, box refinement.
+"""The deformable transformer, as the official code builds it: post-norm encoder and decoder, box refinement.
 
 Token layout: levels flattened in order, each row-major, `[B, S, D]`. Reference points are
 normalised (x, y) of the padded map; valid ratios are `(valid_W / W, valid_H / H)`, w first.

@@ -21,12 +21,3 @@ def initialize(train_config) -> None:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
-
-
-def local_batch_size(global_batch: int) -> int:
-  """This process's share of the global batch (processes feed equal shares)."""
-  n = jax.process_count()
-  if global_batch % n:
-    raise ValueError(f'train.batch_size={global_batch} is not divisible by the number of '
-                     f'processes ({n})')
-  return global_batch // n

@@ -1,7 +1,7 @@
 """The training loop: data -> sharded step -> metrics, checkpoints, periodic COCO evaluation.
 
     trainer = Trainer(config)                 # mesh, model, data, optimiser, compiled step
-    result = trainer.fit(workdir)             # resumes from workdir/checkpoints if present
+    result = trainer.fit(workdir, evaluation=...)   # resumes from workdir/checkpoints if present
 
 A `Trainer` can `fit` several work directories (tests reuse its compiled step). A run is a pure
 function of (config, step): the batch of step s comes from the data pipeline's step s, the
@@ -11,11 +11,12 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 
 from solq_jax import data as data_lib
+from solq_jax import masks
 from solq_jax import models
 from solq_jax.training import checkpoint as checkpoint_lib
 from solq_jax.training import distributed
@@ -26,6 +27,10 @@ from solq_jax.training import state as state_lib
 from solq_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
+
+
+# (variables, out_dir) -> metrics dict with a flat 'summary', or None when skipped.
+Evaluation = Callable[[Dict[str, Any], Any], Optional[Dict[str, Any]]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,13 +46,14 @@ class Trainer:
     t = config.train
     self.mesh = mesh if mesh is not None else step_lib.make_mesh(t.num_devices)
     step_lib.check_batch_size(t.batch_size, self.mesh)
-    self.model = models.build_model(config)
-    self.data = data_lib.train_pipeline(config)
+    self.model = models.build_model(config.model)
+    self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
+    self.data = data_lib.train_pipeline(config, self.coder)
     self.steps_per_epoch = self.data.steps_per_epoch
     self.total_steps = int(t.total_steps) or int(t.epochs) * self.steps_per_epoch
     if self.total_steps > len(self.data):  # a longer run than `epochs` covers: extend the data
       self.data = data_lib.train_pipeline(
-          config, num_epochs=-(-self.total_steps // self.steps_per_epoch))
+          config, self.coder, num_epochs=-(-self.total_steps // self.steps_per_epoch))
     self.stop_step = min(int(t.stop_at_step) or self.total_steps, self.total_steps)
     key = jax.random.PRNGKey(config.seed)
     self.init_key, self.train_key = jax.random.split(key)
@@ -89,20 +95,6 @@ class Trainer:
                                        max_to_keep=t.max_to_keep,
                                        async_save=t.async_checkpointing)
 
-  # -- evaluation ----------------------------------------------------------------------------
-
-  def evaluate(self, state, out_dir) -> Optional[Dict[str, Any]]:
-    """COCO bbox + segm evaluation of the val split (single process only; else skipped)."""
-    from solq_jax import evaluation  # pylint: disable=g-import-not-at-top
-    if jax.process_count() > 1:
-      log.warning('evaluation is single-process only: skipped in this %d-process run; run '
-                  'eval.py on the checkpoint', jax.process_count())
-      return None
-    batches, ann_file = evaluation.eval_batches(self.config)
-    return evaluation.evaluate(self.model, state.variables, batches, ann_file, self.config,
-                               mesh=self.mesh, out_dir=str(out_dir),
-                               progress=self.config.train.progress_bar)
-
   # -- the loop ------------------------------------------------------------------------------
 
   def _record_label_map(self, workdir):
@@ -113,9 +105,14 @@ class Trainer:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / 'label_map.json').write_text(json.dumps(label_map(), indent=1))
 
-  def fit(self, workdir, stop_at_step: int = 0) -> Dict[str, Any]:
+  def fit(self, workdir, stop_at_step: int = 0,
+          evaluation: Optional[Evaluation] = None) -> Dict[str, Any]:
     """Trains from the newest checkpoint in `workdir` (or from scratch) up to the stop step
     (`stop_at_step`, else `train.stop_at_step`, else the end).
+
+    `evaluation(variables, out_dir) -> metrics dict or None` runs every `train.eval_every_steps`
+    and at the end (`train.final_eval`); train.py passes COCO evaluation
+    (`solq_jax.inference.evaluate.make_evaluation`). None: no evaluation.
 
     Returns dict(state, step, history (per-step metrics of this call), eval (or None)).
     """
@@ -147,7 +144,8 @@ class Trainer:
       batch = next(iterator) if step < stop else None
       tick, tick_step = time.time(), step
       while step < stop:
-        state, metrics = self.train_step(state, step_lib.shard_batch(batch, self.mesh))
+        device_batch = {k: batch[k] for k in data_lib.TRAIN_DEVICE_KEYS}
+        state, metrics = self.train_step(state, step_lib.shard_batch(device_batch, self.mesh))
         step += 1
         data_state = iterator.get_state()  # positioned at batch `step`: what a resume needs
         batch = next(iterator) if step < stop else None  # overlaps the device step
@@ -167,15 +165,16 @@ class Trainer:
           bar.update(step, metrics_lib.format_losses(scalars))
         if step % t.checkpoint_every_steps == 0 or step == stop:
           ckpt.save(step, state, data_state)
-        if t.eval_every_steps and step % t.eval_every_steps == 0 and step < self.total_steps:
+        if (evaluation and t.eval_every_steps and step % t.eval_every_steps == 0
+            and step < self.total_steps):
           ckpt.wait()
-          ev = self.evaluate(state, workdir / 'eval' / str(step))
+          ev = evaluation(state.variables, workdir / 'eval' / str(step))
           if ev is not None:
             writer.write(step, ev['summary'], prefix='eval')
       bar.close()
       ckpt.wait()
-      if t.final_eval and step == self.total_steps:
-        result_eval = self.evaluate(state, workdir / 'eval' / str(step))
+      if evaluation and t.final_eval and step == self.total_steps:
+        result_eval = evaluation(state.variables, workdir / 'eval' / str(step))
         if result_eval is not None:
           writer.write(step, result_eval['summary'], prefix='eval')
           s = result_eval['summary']
@@ -185,12 +184,3 @@ class Trainer:
       ckpt.close()
       writer.close()
     return dict(state=state, step=step, history=history, eval=result_eval)
-
-
-def train_and_evaluate(config, workdir) -> Dict[str, Any]:
-  """`train.py`: one run in `workdir` (resumed if it holds checkpoints)."""
-  trainer = Trainer(config)
-  log.info('mesh %s; %d steps (%d per epoch); global batch %d', dict(trainer.mesh.shape),
-           trainer.total_steps, trainer.steps_per_epoch, config.train.batch_size)
-  return trainer.fit(workdir)
-

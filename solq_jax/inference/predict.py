@@ -1,9 +1,7 @@
 """Inference on image files: PNG overlays and a json of detections (`predict.py` calls `run`).
 
-Also home of `load_model`, the weight loading shared by `eval.py` and `predict.py`:
-a training checkpoint directory (orbax, `solq_jax.training.checkpoint`), a converted variables
-directory (`solq_jax.convert.save_variables`), an official SOLQ `.pth` (converted on the fly),
-or nothing (random initialisation, with a loud warning: only for benchmarking).
+The weights come from `solq_jax.weights.load` (a training run's checkpoints, a converted
+directory, an official `.pth`, or nothing: random weights, only for benchmarking).
 """
 import json
 import logging
@@ -11,88 +9,21 @@ import os
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from solq_jax import masks as masks_lib
 from solq_jax import models
-from solq_jax import postprocess as postprocess_lib
-from solq_jax import visualize
+from solq_jax import weights
 from solq_jax.data import coco as coco_data
 from solq_jax.data import pipeline
 from solq_jax.data import synthetic
 from solq_jax.data import transforms
+from solq_jax.inference import postprocess as postprocess_lib
+from solq_jax.inference import visualize
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-
-
-def _restore_train_checkpoint(directory, config):
-  """`{'params', 'buffers'}` of the newest step of a training run's checkpoint directory.
-
-  Restored onto this process's first device whatever mesh saved it (orbax needs a target
-  when the topology differs), after checking that the run's model config equals ours.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from solq_jax.training import checkpoint as train_ckpt  # pylint: disable=g-import-not-at-top
-  checkpointer = train_ckpt.Checkpointer(directory, config.model, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f'{directory} holds no complete training checkpoint step')
-    meta = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  finally:
-    checkpointer.close()
-  if meta.get('model') != checkpointer.model_config:
-    diff = sorted(k for k in set(meta.get('model', {})) | set(checkpointer.model_config)
-                  if meta.get('model', {}).get(k) != checkpointer.model_config.get(k))
-    raise ValueError(f'checkpoint {directory} step {step} was trained with another model config '
-                     f'(fields differ: {diff})')
-  item = os.path.join(os.fspath(directory), str(step), 'state')
-  try:
-    reader = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          reader.metadata(item).item_metadata.tree)
-    restored = reader.restore(item, target)
-  except Exception as e:  # noqa: BLE001 - orbax raises many types; name the path
-    raise ValueError(f'cannot restore {item}: {type(e).__name__}: {e}') from e
-  log.info('restored training step %d from %s', step, directory)
-  return jax.tree.map(np.asarray, {'params': restored['params'], 'buffers': restored['buffers']})
-
-
-def _is_train_checkpoint(directory):
-  return any(p.name.isdigit() and (p / 'state').is_dir() for p in pathlib.Path(directory).iterdir())
-
-
-def load_variables(config, checkpoint, model=None):
-  """Model variables for inference from `checkpoint` (see the module docstring)."""
-  if not checkpoint:
-    banner = '*' * 78
-    log.warning('%s\nNO CHECKPOINT GIVEN: using RANDOMLY INITIALISED weights (seed %d). The '
-                'detections are meaningless; this is only for benchmarking.\n%s',
-                banner, config.seed, banner)
-    return models.init_variables(model or models.build_model(config), jax.random.key(config.seed))
-  path = os.path.abspath(os.fspath(checkpoint))  # orbax metadata needs an absolute path
-  if os.path.isfile(path):
-    if not path.endswith(('.pth', '.pt', '.bin')):
-      raise ValueError(f'checkpoint file {path} is not an official SOLQ .pth')
-    from solq_jax import convert  # pylint: disable=g-import-not-at-top
-    return convert.load_official_checkpoint(path, config)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
-  if _is_train_checkpoint(path):
-    return _restore_train_checkpoint(path, config)
-  from solq_jax import convert  # pylint: disable=g-import-not-at-top
-  return convert.load_variables(path, config)
-
-
-def load_model(config, checkpoint):
-  """(model, variables) for inference."""
-  model = models.build_model(config)
-  return model, load_variables(config, checkpoint, model)
 
 
 def load_category_names(path=''):
@@ -176,12 +107,14 @@ def detections_record(detections, names, score_threshold):
   return out
 
 
-def run(config, checkpoint, inputs, out_dir, *, loaded=None, draw_boxes=True, draw_labels=True):
+def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_boxes=True,
+        draw_labels=True):
   """Predicts every image of `inputs`; writes `<out_dir>/<stem>.png` overlays and
   `<out_dir>/detections.json`. Returns the json's content (a list, one entry per image; an
   image that cannot be decoded is skipped with a logged error and an `error` entry).
 
   `loaded`: an already loaded `(model, variables)` (then `checkpoint` is not read).
+  `coder`: the run's mask coder (default: built from `config.model`).
   """
   ec = config.eval
   if ec.names_file or config.data.root or config.data.source != 'coco':
@@ -191,9 +124,14 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, draw_boxes=True, dr
   files = list_images(inputs)
   if not files:
     raise ValueError(f'no input images in {list(inputs)}')
-  model, variables = loaded or load_model(config, checkpoint)
+  if loaded is None:
+    model = models.build_model(config.model)
+    variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
+  else:
+    model, variables = loaded
   forward = postprocess_lib.make_forward(model)
-  coder = masks_lib.build_coder(config.model)
+  postprocessor = postprocess_lib.Postprocessor.from_config(
+      ec, coder or masks_lib.build_coder(config.model))
   os.makedirs(out_dir, exist_ok=True)
   records, used = [], set()
   for path in files:
@@ -206,9 +144,7 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, draw_boxes=True, dr
       continue
     images, pad_mask = prepare_image(image, config.data)
     outputs = forward(variables, images, pad_mask)
-    det = postprocess_lib.postprocess(
-        outputs, [[image.height, image.width]], coder, ec.top_k,
-        size_multiple=ec.paste_size_multiple, max_exact_sizes=ec.paste_exact_sizes)[0]
+    det = postprocessor(outputs, [[image.height, image.width]])[0]
     overlay = visualize.draw_detections(np.asarray(image), det, names, ec.score_threshold,
                                         draw_boxes=draw_boxes, draw_labels=draw_labels)
     stem = path.stem if path.stem not in used else f'{path.stem}_{len(used)}'

@@ -224,3 +224,22 @@ def test_run_tiny_model_on_coco_val158(coco_val158, tiny_config, tmp_path):
     records = json.loads((tmp_path / f'{t}_results.json').read_text())
     assert len(records) == 5 * config.eval.top_k
   assert json.loads((tmp_path / 'metrics.json').read_text())['num_images'] == 5
+
+
+def test_nan_predictions_are_refused_and_nothing_is_written(tmp_path):
+  """A diverged model predicts NaN; COCOeval would rank NaN scores first and report a good AP."""
+  coco = _gt()
+  batch = dict(images=np.zeros((2, 8, 8, 3), np.float32), pad_mask=np.zeros((2, 8, 8), bool),
+               image_id=np.array([1, 2], np.int32), orig_size=np.array([[30, 40]] * 2, np.int32))
+
+  def forward(variables, images, pad_mask):
+    del variables, images, pad_mask
+    return dict(pred_logits=np.full((2, 4, 4), np.nan, np.float32),
+                pred_boxes=np.full((2, 4, 4), np.nan, np.float32),
+                pred_vectors=np.full((2, 4, 24), np.nan, np.float32))
+
+  post = pp.Postprocessor(DCTCoder(16, 24), top_k=4)
+  with pytest.raises(pp.NonFiniteOutputError, match='not finite'):
+    evaluate_lib.evaluate(forward, {}, [batch], coco, post, out_dir=str(tmp_path / 'out'),
+                          progress=False, log=lambda s: None)
+  assert not (tmp_path / 'out').exists()

@@ -120,3 +120,17 @@ def test_encode_rle_round_trip():
   decoded = mask_utils.decode([dict(size=r['size'], counts=r['counts'].encode()) for r in rles])
   np.testing.assert_array_equal(decoded.transpose(2, 0, 1), masks)
   assert pp.encode_rle(np.zeros((0, 9, 7), bool)) == []
+
+
+def test_non_finite_outputs_are_refused_naming_the_rows(outputs, coder):
+  """NaN logits sort first in top-k and would score as confident detections: refused."""
+  bad = {k: np.array(v) for k, v in outputs.items()}
+  bad['pred_boxes'][1, 3, 0] = np.nan
+  post = pp.Postprocessor(coder, top_k=3)
+  with pytest.raises(pp.NonFiniteOutputError, match=r'pred_boxes in batch rows \[1\]'):
+    post(bad, SIZES)
+  assert post(bad, SIZES, keep=np.array([True, False]))[1] is None   # a padded row is ignored
+  bad['pred_vectors'][0, 0, 0] = np.inf
+  with pytest.raises(pp.NonFiniteOutputError, match=r'pred_vectors in batch rows \[0\]'):
+    post(bad, SIZES)
+  assert pp.Postprocessor(coder, top_k=3, with_masks=False)(bad, SIZES, keep=[True, False])

@@ -179,4 +179,9 @@ def run(config, checkpoint, out_dir, mesh=None):
   variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
   coder = masks_lib.build_coder(config.model)
   evaluation = make_evaluation(config, model, coder, mesh)
-  return evaluation(variables, out_dir)
+  try:
+    return evaluation(variables, out_dir)
+  except postprocess_lib.NonFiniteOutputError as e:
+    source = f'checkpoint {checkpoint}' if checkpoint else 'random weights'
+    raise postprocess_lib.NonFiniteOutputError(
+        f'{source}: {e}. Nothing was scored or written; evaluate an earlier checkpoint') from None

@@ -36,6 +36,30 @@ from solq_jax import box_ops
 from solq_jax import masks as masks_lib
 
 
+class NonFiniteOutputError(ValueError):
+  """The model predicted NaN or inf: its weights diverged or are corrupt. Never scored."""
+
+
+@jax.jit
+def _finite_rows(arrays):
+  """Per array, bool `[B]`: every value of that batch row is finite."""
+  return {k: jnp.isfinite(v).reshape(v.shape[0], -1).all(1) for k, v in arrays.items()}
+
+
+def check_finite(outputs, keep=None, keys=('pred_logits', 'pred_boxes', 'pred_vectors')):
+  """Raises `NonFiniteOutputError` naming the outputs and batch rows that hold NaN or inf
+  (rows where `keep` is False, e.g. batch padding, are not checked)."""
+  rows = jax.device_get(_finite_rows({k: outputs[k] for k in keys if k in outputs}))
+  bad = {}
+  for name, finite in rows.items():
+    finite = np.asarray(finite) | (np.zeros_like(finite) if keep is None else ~np.asarray(keep))
+    if not finite.all():
+      bad[name] = np.flatnonzero(~finite).tolist()
+  if bad:
+    detail = ', '.join(f'{k} in batch rows {v[:8]}' for k, v in bad.items())
+    raise NonFiniteOutputError(f'the model output is not finite (NaN or inf): {detail}')
+
+
 @functools.partial(jax.jit, static_argnames=('top_k',))
 def select_detections(pred_logits, pred_boxes, target_sizes, top_k):
   """Top-k (query, class) pairs of every image, with absolute xyxy boxes.
@@ -148,12 +172,18 @@ class Postprocessor:
     Returns:
       A list of B dicts of numpy arrays: `scores [K]` float32 (descending), `labels [K]` int32,
       `boxes [K,4]` absolute xyxy float32, `query_index [K]` int32 and `masks [K,H,W]` bool.
+
+    Raises:
+      NonFiniteOutputError: a kept row holds NaN or inf.
     """
     target_sizes = np.asarray(target_sizes)
     pred_logits = outputs['pred_logits']
     if target_sizes.shape != (pred_logits.shape[0], 2):
       raise ValueError(f'target_sizes must be [B,2] (h, w) with B={pred_logits.shape[0]}, '
                        f'got shape {target_sizes.shape}')
+    # NaN scores would sort first and score as confident detections: refuse them instead.
+    check_finite(outputs, keep, ('pred_logits', 'pred_boxes') +
+                 (('pred_vectors',) if self.with_masks else ()))
     scores, labels, boxes, query_index = select_detections(
         pred_logits, outputs['pred_boxes'], jnp.asarray(target_sizes, jnp.int32), self.top_k)
     box_masks = (self.decode_selected(outputs['pred_vectors'], query_index)

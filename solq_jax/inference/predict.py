@@ -144,7 +144,12 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_bo
       continue
     images, pad_mask = prepare_image(image, config.data)
     outputs = forward(variables, images, pad_mask)
-    det = postprocessor(outputs, [[image.height, image.width]])[0]
+    try:
+      det = postprocessor(outputs, [[image.height, image.width]])[0]
+    except postprocess_lib.NonFiniteOutputError as e:
+      source = 'the given model' if loaded is not None else (
+          f'checkpoint {checkpoint}' if checkpoint else 'random weights')
+      raise postprocess_lib.NonFiniteOutputError(f'{source} on {path}: {e}') from None
     overlay = visualize.draw_detections(np.asarray(image), det, names, ec.score_threshold,
                                         draw_boxes=draw_boxes, draw_labels=draw_labels)
     stem = path.stem if path.stem not in used else f'{path.stem}_{len(used)}'

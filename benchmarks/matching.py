@@ -5,10 +5,10 @@
 
 Part 1, the official-scale matching: global batch 32 over 8 devices, 300 queries, 91 classes,
 6 decoder layers matched independently, max_gt 50 with 1..50 real targets per image. Timed
-variants (interleaved rounds, medians): the scipy solver per shard (`mesh`, shard_map), the
-same under plain jit without `mesh` (the batch is gathered to one host call), the exact pure-JAX
-solver (per shard and under plain jit), the cost matrix alone, scipy alone on host numpy
-(the floor of the callback path), and the whole criterion (`solq_losses`, value and gradient
+variants (interleaved rounds, medians): the scipy solver per shard (under the mesh context,
+shard_map), the same under plain jit without it (the batch is gathered to one host call), the
+exact pure-JAX solver (per shard and under plain jit), the cost matrix alone, scipy alone on host
+numpy (the floor of the callback path), and the whole criterion (`solq_losses`, value and gradient
 w.r.t. the outputs of all 6 layers, K = 256) with either matcher.
 
 Part 2, the tiny config (configs/tiny.py) train step (`solq_jax.training.step`, global batch 32
@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from solq_jax import losses  # noqa: E402
 from solq_jax import matching  # noqa: E402
+from solq_jax import sharding  # noqa: E402
 import timing  # noqa: E402  (benchmarks/timing.py)
 
 
@@ -55,9 +56,10 @@ def shard_inputs(mesh, args):
 
 def matching_variants(mesh, args, device_args):
   """name -> zero-arg callable running one matching of all layers (compiled on first call)."""
-  with_mesh = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh))
+  with_mesh = sharding.under_mesh(mesh, jax.jit(matching.hungarian_match))
   plain = jax.jit(matching.hungarian_match)
-  pure = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh, solver='jax'))
+  pure = sharding.under_mesh(
+      mesh, jax.jit(lambda *a: matching.hungarian_match(*a, solver='jax')))
   pure_plain = jax.jit(lambda *a: matching.hungarian_match(*a, solver='jax'))
   cost = jax.jit(matching.match_cost)
   costs_np = np.asarray(cost(*device_args))
@@ -103,8 +105,9 @@ def criterion_variants(mesh, args, rng):
   for matcher in ('hungarian', 'jax'):
     config = base.base_config()
     config.loss.matcher = matcher
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda o, t, config=config: losses.solq_losses(o, t, config, mesh=mesh)['total']))
+    criterion = losses.criterion_from_config(config.loss)
+    grad_fn = sharding.under_mesh(mesh, jax.jit(jax.value_and_grad(
+        lambda o, t, criterion=criterion: criterion(o, t)['total'])))
     fns[f'criterion value+grad, {matcher}'] = (lambda g=grad_fn: g(outputs, targets))
   return fns
 
@@ -141,6 +144,7 @@ def synthetic_batch(rng, config, batch, size):
 
 def part2(mesh, rounds, size, matchers):
   from configs import tiny
+  from solq_jax import masks
   from solq_jax import models
   from solq_jax.training import optimizer as optimizer_lib
   from solq_jax.training import state as state_lib
@@ -162,10 +166,11 @@ def part2(mesh, rounds, size, matchers):
     tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)
     schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
-    states[matcher] = step_lib.replicate(state_lib.create(variables, tx, np.array([0, 42])), mesh)
-    steps[matcher] = step_lib.make_train_step(config, model, tx, mesh, schedule,
-                                              variables['params'], donate=False)
-  sharded = step_lib.shard_batch(data, mesh)
+    states[matcher] = sharding.replicate(state_lib.create(variables, tx, np.array([0, 42])), mesh)
+    criterion = losses.criterion_from_config(config.loss, masks.build_coder(config.model))
+    steps[matcher] = step_lib.make_train_step(model, tx, mesh, criterion, schedule,
+                                              donate=False)
+  sharded = sharding.shard_batch(data, mesh)
   # The matching alone at the step's shapes (dec_layers x batch x queries x max_gt), timed in its
   # own interleaved rounds: interleaved with train steps, the host-callback call measured ~100x
   # slower than alone (292-392 ms vs 4 ms; cause not established), a figure that would not
@@ -175,8 +180,9 @@ def part2(mesh, rounds, size, matchers):
   margs = random_matching_inputs(r, config.model.dec_layers, batch, config.model.num_queries,
                                  config.model.num_classes, config.data.max_gt)
   dargs = shard_inputs(mesh, margs)
-  with_mesh = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh))
-  pure = jax.jit(lambda *a: matching.hungarian_match(*a, mesh=mesh, solver='jax'))
+  with_mesh = sharding.under_mesh(mesh, jax.jit(matching.hungarian_match))
+  pure = sharding.under_mesh(
+      mesh, jax.jit(lambda *a: matching.hungarian_match(*a, solver='jax')))
   medians = timing.medians({'matching only, scipy shard_map': lambda: with_mesh(*dargs),
                             'matching only, pure-JAX shard_map': lambda: pure(*dargs)},
                            9, verbose=True)

@@ -45,7 +45,9 @@ def main():
   args = parse()
   from configs import solq_r50  # pylint: disable=g-import-not-at-top
   from solq_jax import losses as losses_lib  # pylint: disable=g-import-not-at-top
+  from solq_jax import masks  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
+  from solq_jax import sharding  # pylint: disable=g-import-not-at-top
   from solq_jax.models.solq import SOLQ  # pylint: disable=g-import-not-at-top
   from solq_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
@@ -56,14 +58,13 @@ def main():
   model = models.build_model(config.model)
   variables = init_lib.random_variables(model, jax.random.PRNGKey(0))
   params, buffers = variables['params'], variables['buffers']
-  trainable = optimizer_lib.trainable_mask(params, config.model.backbone_frozen_stages)
+  criterion = losses_lib.criterion_from_config(config.loss, masks.build_coder(config.model))
   batch = {k: jnp.asarray(v) for k, v in
            train_step_bench.random_batch(config, 1, args.size).items()}
   key = jax.random.PRNGKey(3)
   stages = args.stages.split(',')
 
   def apply(p, *inputs, method):
-    p = step_lib._freeze(p, trainable)  # pylint: disable=protected-access
     return model.apply({'params': p, 'buffers': buffers}, *inputs, method=method,
                        rngs={'dropout': key})
 
@@ -96,7 +97,7 @@ def main():
   add('encoder', lambda p, s, q: apply(p, s, masks, q, method=encode), (params, srcs, pos),
       (0, 1))
   add('decoder', lambda p, mem: apply(p, mem, masks, method=decode), (params, memory), (0, 1))
-  add('criterion', lambda o: losses_lib.solq_losses(o, batch, config)['total'], (outputs,), 0)
+  add('criterion', lambda o: criterion(o, batch)['total'], (outputs,), 0)
 
   if 'optimizer' in stages:
     tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
@@ -110,10 +111,9 @@ def main():
     tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                        config.model.backbone_frozen_stages)
     schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
-    mesh = step_lib.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     state = state_lib.create(variables, tx, jax.random.PRNGKey(1))
-    step = step_lib.make_train_step(config, model, tx, mesh, schedule, variables['params'],
-                                    donate=False)
+    step = step_lib.make_train_step(model, tx, mesh, criterion, schedule, donate=False)
     fns['train step'] = lambda: step(state, batch)
 
   samples = timing.interleaved(fns, args.runs, verbose=True)

@@ -46,21 +46,25 @@ def random_batch(config, batch, side, seed=0):
 def measure(config, devices, batch, side, runs):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from solq_jax import losses  # pylint: disable=g-import-not-at-top
+  from solq_jax import masks  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
+  from solq_jax import sharding  # pylint: disable=g-import-not-at-top
   from solq_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
-  mesh = step_lib.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   model = models.build_model(config.model)
   variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
   tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)
   schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
-  state = step_lib.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
-  step = step_lib.make_train_step(config, model, tx, mesh, schedule, variables['params'])
-  data = step_lib.shard_batch(random_batch(config, batch, side), mesh)
+  state = sharding.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
+  criterion = losses.criterion_from_config(config.loss, masks.build_coder(config.model))
+  step = step_lib.make_train_step(model, tx, mesh, criterion, schedule)
+  data = sharding.shard_batch(random_batch(config, batch, side), mesh)
   carry = {'state': state}
 
   def one_step():  # the state threads through the calls, as in training

@@ -1,12 +1,13 @@
 """Multi-scale deformable attention as a Pallas (Triton) kernel, forward and backward.
 
-Same semantics and signature as `solq_jax.ops.ms_deform_attn.ms_deform_attn_xla` (the bilinear
-corner math is shared: `bilinear_taps_xy`). One program handles a block of `block_q` queries of
-one (batch, head): it gathers the 4 corners of every level and point as `[block_q, Dp]` tiles
-(Dp = head dim padded to a power of two, the padding lanes masked), weights and accumulates in
-f32. The backward program recomputes the taps, reduces them against the output gradient in
-registers for the location and weight gradients (each program owns its queries: plain stores),
-and atomically adds the weighted output gradient into an f32 value-gradient buffer.
+Same semantics and signature as the XLA core that `solq_jax.ops.ms_deform_attn` dispatches to
+beside this kernel (the bilinear corner math is shared: `kernels.bilinear`). One program handles
+a block of `block_q` queries of one (batch, head): it gathers the 4 corners of every level and
+point as `[block_q, Dp]` tiles (Dp = head dim padded to a power of two, the padding lanes
+masked), weights and accumulates in f32. The backward program recomputes the taps, reduces them
+against the output gradient in registers for the location and weight gradients (each program
+owns its queries: plain stores), and atomically adds the weighted output gradient into an f32
+value-gradient buffer.
 
 All arrays are passed flat (1-D); indices are computed in the kernel. On CPU the kernel runs in
 Pallas interpret mode (a correctness mode, slow). See kernels/README.md for the design notes.
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from solq_jax.ops import ms_deform_attn as msda
+from kernels import bilinear
 
 MIN_COMPUTE_CAPABILITY = 8.0  # Pallas' Triton lowering needs sm80+ (Ampere, Hopper, newer)
 FORWARD_BLOCK_Q = 64
@@ -66,7 +67,7 @@ class _Layout:
     base = qrows * self.num_samples + sample
     x = loc_ref[base * 2]
     y = loc_ref[base * 2 + 1]
-    return attn_ref[base], msda.bilinear_taps_xy(x, y, h, w)
+    return attn_ref[base], bilinear.bilinear_taps_xy(x, y, h, w)
 
   def value_rows(self, b, head, start, tap):
     return (b * self.s + start + tap.index) * self.m + head
@@ -76,7 +77,7 @@ def _forward_kernel(value_ref, loc_ref, attn_ref, out_ref, *, layout):
   b, head, qrows = layout.program_rows()
   cols, lane_mask = layout.lanes()
   acc = jnp.zeros((layout.block_q, layout.dp), jnp.float32)
-  for sample, (_, _, start, h, w) in enumerate(msda.samples(layout.shapes, layout.num_points)):
+  for sample, (_, _, start, h, w) in enumerate(bilinear.samples(layout.shapes, layout.num_points)):
     a, taps = layout.taps(loc_ref, attn_ref, qrows, sample, h, w)
     for tap in taps:
       rows = layout.value_rows(b, head, start, tap)
@@ -92,7 +93,7 @@ def _backward_kernel(value_ref, loc_ref, attn_ref, g_ref, _, grad_value_ref, gra
   cols, lane_mask = layout.lanes()
   g = plgpu.load(g_ref.at[qrows[:, None] * layout.dh + cols[None, :]], mask=lane_mask,
                  other=0.0).astype(jnp.float32)
-  for sample, (_, _, start, h, w) in enumerate(msda.samples(layout.shapes, layout.num_points)):
+  for sample, (_, _, start, h, w) in enumerate(bilinear.samples(layout.shapes, layout.num_points)):
     a, taps = layout.taps(loc_ref, attn_ref, qrows, sample, h, w)
     d_attn = d_fx = d_fy = jnp.zeros((layout.block_q,), jnp.float32)
     for tap in taps:

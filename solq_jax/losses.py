@@ -1,11 +1,12 @@
-"""The SOLQ criterion (spec section 4) and its research variants, as pure functions.
+"""The SOLQ criterion (the official `SetCriterion`) and its research variants, as pure functions.
 
-`solq_losses(outputs, targets, config)` matches every decoder layer independently
-(`solq_jax.matching`) and returns the unweighted terms `loss_ce`, `loss_bbox`, `loss_giou`,
-`loss_vector` for the final layer, the same with suffixes `_0`, `_1`, ... for the auxiliary
-layers, and `total`, the weighted sum. It is meant to run under `jax.jit` on the GLOBAL,
-batch-sharded batch: every sum below is then a global sum, so `num_boxes` is the global ground-
-truth count (the official all-reduced count), with no collective written here.
+`criterion_from_config(config.loss, coder)` reads the loss settings once and returns
+`criterion(outputs, targets)`, which is `solq_losses` with those settings: it matches every
+decoder layer independently (`solq_jax.matching`) and returns the unweighted terms `loss_ce`,
+`loss_bbox`, `loss_giou`, `loss_vector` for the final layer, the same with suffixes `_0`, `_1`,
+... for the auxiliary layers, and `total`, the weighted sum. It is meant to run under `jax.jit`
+on the GLOBAL, batch-sharded batch: every sum below is then a global sum, so `num_boxes` is the
+global ground-truth count (the official all-reduced count), with no collective written here.
 
 Deliberate fix (vector loss): the official code takes the element mean of the vector loss per
 GPU and DDP then averages those per-GPU means (a mean of means, which depends on how the
@@ -16,13 +17,14 @@ Padded targets never produce NaN, in the values or in the gradients: padded pair
 by a dummy valid box / vector before any math and then masked out. A batch without any target
 gives finite losses and zero box/vector gradients.
 """
+import functools
+from typing import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 
 from solq_jax import box_ops
 from solq_jax import matching
-
-TERMS = ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_vector')
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -49,37 +51,33 @@ def _masked_mean(values, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Vector-loss variants: (pred [B,G,K], target [B,G,K], pair_valid [B,G], config) -> scalar,
-# before `vector_loss_scale`. Padded pairs hold finite dummy values.
+# Vector-loss variants: (pred [B,G,K], target [B,G,K], pair_valid [B,G]) -> scalar, before
+# `vector_loss_scale`. Padded pairs hold finite dummy values.
 
 
-def _vector_l1(pred, tgt, ok, config):
-  del config
-  return _masked_mean(jnp.abs(pred - tgt), ok[..., None])
+def _vector_l1(pred, tgt, pair_valid):
+  return _masked_mean(jnp.abs(pred - tgt), pair_valid[..., None])
 
 
-def _vector_smooth_l1(pred, tgt, ok, config):
+def _vector_smooth_l1(pred, tgt, pair_valid):
   """Huber with beta 1 (torch `smooth_l1_loss` default), element mean."""
-  del config
   d = jnp.abs(pred - tgt)
-  return _masked_mean(jnp.where(d < 1.0, 0.5 * d ** 2, d - 0.5), ok[..., None])
+  return _masked_mean(jnp.where(d < 1.0, 0.5 * d ** 2, d - 0.5), pair_valid[..., None])
 
 
-def _vector_l2(pred, tgt, ok, config):
+def _vector_l2(pred, tgt, pair_valid):
   """Squared error, element mean (torch `mse_loss`)."""
-  del config
-  return _masked_mean((pred - tgt) ** 2, ok[..., None])
+  return _masked_mean((pred - tgt) ** 2, pair_valid[..., None])
 
 
 def _safe_norm(x, eps=1e-12):
   return jnp.sqrt((x * x).sum(-1) + eps)
 
 
-def _vector_cosine(pred, tgt, ok, config):
+def _vector_cosine(pred, tgt, pair_valid):
   """1 - cosine similarity per matched pair, mean over pairs."""
-  del config
   cos = (pred * tgt).sum(-1) / (_safe_norm(pred) * _safe_norm(tgt))
-  return _masked_mean(1.0 - cos, ok)
+  return _masked_mean(1.0 - cos, pair_valid)
 
 
 def dice_loss(pred_masks, tgt_masks, smooth=1.0):
@@ -89,7 +87,7 @@ def dice_loss(pred_masks, tgt_masks, smooth=1.0):
   return 1.0 - (2.0 * inter + smooth) / (total + smooth)
 
 
-def _vector_dice(pred, tgt, ok, config):
+def _vector_dice(pred, tgt, pair_valid, *, coder, sharpness):
   """Dice between masks decoded from the vectors with the model's mask coder.
 
   Target: `coder.decode(gt_vector)`, the binary mask the coder itself defines (for DCT the
@@ -100,13 +98,11 @@ def _vector_dice(pred, tgt, ok, config):
   gradient at every pixel, and maps an ideal 0/1 reconstruction to ~0/1 (0.007/0.993 for
   sharpness 10, `config.loss.dice_sharpness`).
   """
-  from solq_jax import masks  # helper D's package; imported only for this variant
-  coder = masks.build_coder(config.model)
   b, g, k = pred.shape
   rec = coder.reconstruct(pred.reshape(b * g, k))
-  soft = jax.nn.sigmoid(config.loss.dice_sharpness * (rec - 0.5))
+  soft = jax.nn.sigmoid(sharpness * (rec - 0.5))
   hard = jax.lax.stop_gradient(coder.decode(tgt.reshape(b * g, k))).astype(soft.dtype)
-  return _masked_mean(dice_loss(soft, hard).reshape(b, g), ok)
+  return _masked_mean(dice_loss(soft, hard).reshape(b, g), pair_valid)
 
 
 VECTOR_LOSSES = {
@@ -118,54 +114,68 @@ VECTOR_LOSSES = {
 }
 
 
+def vector_loss_fn(kind: str, coder=None, dice_sharpness: float = 10.0) -> Callable:
+  """The vector-loss variant `kind` as `(pred, tgt, pair_valid) -> scalar`.
+
+  'dice' decodes the vectors with `coder` (the model's mask coder, `solq_jax.masks`), which it
+  then requires; the other variants compare the vectors themselves.
+  """
+  if kind not in VECTOR_LOSSES:
+    raise ValueError(f'unknown config.loss.vector_loss {kind!r}; '
+                     f'expected one of {sorted(VECTOR_LOSSES)}')
+  if kind == 'dice':
+    if coder is None:
+      raise ValueError("config.loss.vector_loss='dice' needs the model's mask coder")
+    return functools.partial(_vector_dice, coder=coder, sharpness=dice_sharpness)
+  return VECTOR_LOSSES[kind]
+
+
 # ----------------------------------------------------------------------------------------------
 # One decoder layer
 
 
-def layer_losses(layer_out, targets, match, num_boxes, config, with_vector=True):
-  """The four unweighted terms of one decoder layer given its matching.
+def layer_losses(layer_out, targets, match, num_boxes, *, vector_loss=None,
+                 vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0):
+  """The unweighted terms of one decoder layer given its matching.
 
   Args:
     layer_out: dict `pred_logits [B,Q,C]`, `pred_boxes [B,Q,4]`, `pred_vectors [B,Q,K]`.
     targets: dict `labels [B,G]`, `boxes [B,G,4]`, `vectors [B,G,K]`, `valid [B,G]`.
-    match: `(src_idx, tgt_idx, ok)` each `[B,G]` from `solq_jax.matching`.
+    match: `(src_idx, tgt_idx, matched)` each `[B,G]` from `solq_jax.matching`.
     num_boxes: the (global) ground-truth count, >= 1.
-    config: the whole config (`config.loss`, and `config.model` for the dice variant).
-    with_vector: whether this decoder stage gets the vector loss.
+    vector_loss: `(pred, tgt, pair_valid) -> scalar` (`vector_loss_fn`), or None for a decoder
+      stage without the vector term.
+    vector_loss_scale: the factor of the vector term.
+    focal_alpha, focal_gamma: the focal classification loss.
   """
-  lc = config.loss
-  src, tgt, ok = match
+  src, tgt, matched = match
   logits = layer_out['pred_logits']
   num_classes = logits.shape[-1]
 
   # Focal classification loss: one-hot [B,Q,C] of the matched labels, all-zero elsewhere.
   labels = gather_pairs(targets['labels'], tgt)
-  onehot = jax.nn.one_hot(jnp.where(ok, labels, -1), num_classes, dtype=logits.dtype)
+  onehot = jax.nn.one_hot(jnp.where(matched, labels, -1), num_classes, dtype=logits.dtype)
   batch_idx = jnp.arange(logits.shape[0])[:, None]
   target_classes = jnp.zeros_like(logits).at[batch_idx, src].add(onehot)
-  focal = sigmoid_focal_loss(logits, target_classes, lc.focal_alpha, lc.focal_gamma)
+  focal = sigmoid_focal_loss(logits, target_classes, focal_alpha, focal_gamma)
   out = {'loss_ce': focal.sum() / num_boxes}
 
   # Box losses over matched pairs; padded pairs compare two dummy boxes.
-  pred_boxes = matching.safe_boxes(gather_pairs(layer_out['pred_boxes'], src), ok)
+  pred_boxes = matching.safe_boxes(gather_pairs(layer_out['pred_boxes'], src), matched)
   tgt_boxes = matching.safe_boxes(
-      gather_pairs(targets['boxes'], tgt).astype(pred_boxes.dtype), ok)
+      gather_pairs(targets['boxes'], tgt).astype(pred_boxes.dtype), matched)
   l1 = jnp.abs(pred_boxes - tgt_boxes).sum(-1)
   giou = box_ops.elementwise_giou(box_ops.cxcywh_to_xyxy(pred_boxes),
                                   box_ops.cxcywh_to_xyxy(tgt_boxes))
-  out['loss_bbox'] = jnp.where(ok, l1, 0).sum() / num_boxes
-  out['loss_giou'] = jnp.where(ok, 1 - giou, 0).sum() / num_boxes
+  out['loss_bbox'] = jnp.where(matched, l1, 0).sum() / num_boxes
+  out['loss_giou'] = jnp.where(matched, 1 - giou, 0).sum() / num_boxes
 
-  if with_vector:
-    if lc.vector_loss not in VECTOR_LOSSES:
-      raise ValueError(f'unknown config.loss.vector_loss {lc.vector_loss!r}; '
-                       f'expected one of {sorted(VECTOR_LOSSES)}')
+  if vector_loss is not None:
     pred_vec = gather_pairs(layer_out['pred_vectors'], src)
     tgt_vec = gather_pairs(targets['vectors'], tgt).astype(pred_vec.dtype)
-    pred_vec = jnp.where(ok[..., None], pred_vec, 1.0)
-    tgt_vec = jnp.where(ok[..., None], tgt_vec, 1.0)
-    out['loss_vector'] = lc.vector_loss_scale * VECTOR_LOSSES[lc.vector_loss](
-        pred_vec, tgt_vec, ok, config)
+    pred_vec = jnp.where(matched[..., None], pred_vec, 1.0)
+    tgt_vec = jnp.where(matched[..., None], tgt_vec, 1.0)
+    out['loss_vector'] = vector_loss_scale * vector_loss(pred_vec, tgt_vec, matched)
   return out
 
 
@@ -173,30 +183,35 @@ def layer_losses(layer_out, targets, match, num_boxes, config, with_vector=True)
 # The criterion
 
 
-def decoder_layers(outputs, config):
-  """`[(suffix, stage, layer_out), ...]`: the aux layers `_0`.. (if `config.loss.aux_loss`)
-  followed by the final layer (suffix '')."""
-  aux = list(outputs.get('aux_outputs', ())) if config.loss.aux_loss else []
+def decoder_layers(outputs, aux_loss=True):
+  """`[(suffix, stage, layer_out), ...]`: the aux layers `_0`.. (if `aux_loss`) followed by the
+  final layer (suffix '')."""
+  aux = list(outputs.get('aux_outputs', ())) if aux_loss else []
   num_stages = len(outputs.get('aux_outputs', ())) + 1
   layers = [(f'_{i}', i, a) for i, a in enumerate(aux)]
   layers.append(('', num_stages - 1, outputs))
   return layers
 
 
-def match_layers(layers, targets, config, mesh=None):
-  """Match every decoder layer independently, in ONE solver call -> list of `(src, tgt, ok)`."""
+def match_layers(layers, targets, matcher):
+  """Match every decoder layer independently, in ONE solver call -> list of
+  `(src, tgt, matched)`. `matcher`: `hungarian_match` with its settings
+  (`matching.matcher_from_config`)."""
   logits = jnp.stack([l['pred_logits'] for _, _, l in layers])
   boxes = jnp.stack([l['pred_boxes'] for _, _, l in layers])
-  match_fn = matching.matcher_from_config(config.loss)
-  src, tgt, ok = match_fn(logits, boxes, targets['labels'], targets['boxes'], targets['valid'],
-                          mesh=mesh)
-  return [(src[i], tgt[i], ok[i]) for i in range(len(layers))]
+  src, tgt, matched = matcher(logits, boxes, targets['labels'], targets['boxes'],
+                              targets['valid'])
+  return [(src[i], tgt[i], matched[i]) for i in range(len(layers))]
 
 
-def weighted_total(losses, loss_config):
-  """`total = sum_k weight(k) * losses[k]` over all layers' terms."""
-  weights = {'loss_ce': loss_config.cls_weight, 'loss_bbox': loss_config.bbox_weight,
-             'loss_giou': loss_config.giou_weight, 'loss_vector': loss_config.vector_weight}
+def loss_weights(loss_config) -> dict:
+  """The weight of each term (`config.loss.*_weight`), by term name."""
+  return {'loss_ce': loss_config.cls_weight, 'loss_bbox': loss_config.bbox_weight,
+          'loss_giou': loss_config.giou_weight, 'loss_vector': loss_config.vector_weight}
+
+
+def weighted_total(losses, weights: Mapping[str, float]):
+  """`total = sum_k weights[term(k)] * losses[k]` over all layers' terms."""
   total = 0.0
   for name, value in losses.items():
     base = name.rsplit('_', 1)[0] if name.rsplit('_', 1)[-1].isdigit() else name
@@ -204,28 +219,47 @@ def weighted_total(losses, loss_config):
   return total
 
 
-def solq_losses(outputs, targets, config, mesh=None):
+def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
+                weights: Mapping[str, float], aux_loss=True, vector_start_stage=0,
+                vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0):
   """The SOLQ criterion over the final and every auxiliary decoder layer.
 
   Args:
     outputs: the model's dict (`pred_logits`, `pred_boxes`, `pred_vectors`, `aux_outputs`).
     targets: dict `labels [B,G]` int, `boxes [B,G,4]` cxcywh, `vectors [B,G,K]`, `valid [B,G]`.
-    config: the whole config; reads `config.loss` (and `config.model` for the dice variant).
-    mesh: optional `Mesh` with a `'data'` axis; the scipy matching then runs per shard.
+    matcher: `hungarian_match` with its weights and solver (`matching.matcher_from_config`).
+    vector_loss: `(pred, tgt, pair_valid) -> scalar` (`vector_loss_fn`).
+    weights: the weight of each term by name (`loss_weights`).
+    aux_loss: whether the auxiliary layers get losses.
+    vector_start_stage: decoder stages below this one get no vector term.
+    vector_loss_scale, focal_alpha, focal_gamma: see `layer_losses`.
 
   Returns:
     dict of unweighted terms (`loss_ce`, `loss_bbox`, `loss_giou`, `loss_vector`, suffixed
-    `_i` for aux layer i; stages below `config.loss.vector_start_stage` have no vector term)
-    plus `total`. `num_boxes` = global GT count clamped at 1; the vector loss is
-    `vector_loss_scale` x the GLOBAL element mean (see the module docstring).
+    `_i` for aux layer i) plus `total`. `num_boxes` = global GT count clamped at 1; the vector
+    loss is `vector_loss_scale` x the GLOBAL element mean (see the module docstring).
   """
-  layers = decoder_layers(outputs, config)
-  matches = match_layers(layers, targets, config, mesh=mesh)
+  layers = decoder_layers(outputs, aux_loss)
+  matches = match_layers(layers, targets, matcher)
   num_boxes = jnp.maximum(targets['valid'].sum().astype(jnp.float32), 1.0)
   losses = {}
   for (suffix, stage, layer_out), match in zip(layers, matches):
-    terms = layer_losses(layer_out, targets, match, num_boxes, config,
-                         with_vector=stage >= config.loss.vector_start_stage)
+    terms = layer_losses(layer_out, targets, match, num_boxes,
+                         vector_loss=vector_loss if stage >= vector_start_stage else None,
+                         vector_loss_scale=vector_loss_scale, focal_alpha=focal_alpha,
+                         focal_gamma=focal_gamma)
     losses.update({k + suffix: v for k, v in terms.items()})
-  losses['total'] = weighted_total(losses, config.loss)
+  losses['total'] = weighted_total(losses, weights)
   return losses
+
+
+def criterion_from_config(loss_config, coder=None) -> Callable:
+  """`criterion(outputs, targets) -> dict of terms incl. 'total'`: `solq_losses` with the
+  settings of `config.loss`. `coder`: the model's mask coder (needed by the 'dice' variant)."""
+  lc = loss_config
+  return functools.partial(
+      solq_losses, matcher=matching.matcher_from_config(lc),
+      vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness),
+      weights=loss_weights(lc), aux_loss=lc.aux_loss, vector_start_stage=lc.vector_start_stage,
+      vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
+      focal_gamma=lc.focal_gamma)

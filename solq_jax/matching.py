@@ -1,4 +1,4 @@
-"""Bipartite matching of object queries to ground-truth targets (spec section 3).
+"""Bipartite matching of object queries to ground-truth targets (the official `HungarianMatcher`).
 
 The matching cost is computed in `jnp` on the device; the assignment is solved either by
 `scipy.optimize.linear_sum_assignment` on the host through `jax.pure_callback` (`'scipy'`, the
@@ -12,9 +12,9 @@ index like scipy's output). Padded entries hold index 0, so they are safe to gat
 
 Sharding: under `jit` with batch-sharded inputs, a plain `pure_callback` makes XLA gather the
 whole batch onto one device before calling the host (one scipy call for the global batch), and
-with explicit `out_shardings` the program can dead-lock. Pass `mesh` (a `jax.sharding.Mesh`
-with a `'data'` axis) and the solver (either one) runs per shard inside `jax.shard_map`, so every
-device solves its own images.
+with explicit `out_shardings` the program can dead-lock. The solver (either one) therefore runs
+through `solq_jax.sharding.per_batch_shard`: traced under a context mesh (the train step's
+`sharding.under_mesh`), every device solves its own images.
 """
 import functools
 
@@ -22,15 +22,15 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 import scipy.optimize
 
 from solq_jax import box_ops
+from solq_jax import sharding
 
 # A valid (cx, cy, w, h) box that stands in for padded targets so that no NaN/inf is created.
 DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
 SOLVERS = ('scipy', 'jax')
-_FOCAL_ALPHA = 0.25   # hard-coded in the official matcher (spec 8 #11), not config.loss.focal_alpha
+_FOCAL_ALPHA = 0.25   # hard-coded in the official matcher, not config.loss.focal_alpha
 _FOCAL_GAMMA = 2.0
 _LOG_EPS = 1e-8
 
@@ -42,7 +42,7 @@ def safe_boxes(boxes, valid):
 
 def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid,
                cost_class=2.0, cost_bbox=5.0, cost_giou=2.0):
-  """The official matching cost `C [..., B, Q, G]` (spec 3).
+  """The official matching cost `C [..., B, Q, G]`.
 
   Args:
     pred_logits: `[..., B, Q, C]` class logits (leading dims, e.g. decoder layers, allowed).
@@ -82,7 +82,8 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid,
 
 
 def assign_np(costs, valid):
-  """Host solver: `costs [..., B, Q, G]`, `valid [B, G]` -> `(src, tgt, ok)` each `[..., B, G]`.
+  """Host solver: `costs [..., B, Q, G]`, `valid [B, G]` -> `(src, tgt, matched)` each
+  `[..., B, G]`.
 
   Each `[Q, G]` problem is solved by scipy after its padded columns are removed.
   """
@@ -93,7 +94,7 @@ def assign_np(costs, valid):
   flat_v = np.broadcast_to(np.asarray(valid, bool), lead + (g,)).reshape(-1, g)
   src = np.zeros(flat_v.shape, np.int32)
   tgt = np.zeros(flat_v.shape, np.int32)
-  ok = np.zeros(flat_v.shape, bool)
+  matched = np.zeros(flat_v.shape, bool)
   for k in range(flat_c.shape[0]):
     cols = np.flatnonzero(flat_v[k])
     if cols.size == 0:
@@ -106,9 +107,9 @@ def assign_np(costs, valid):
     n = rows.size
     src[k, :n] = rows
     tgt[k, :n] = cols[picked]
-    ok[k, :n] = True
+    matched[k, :n] = True
   shape = lead + (g,)
-  return src.reshape(shape), tgt.reshape(shape), ok.reshape(shape)
+  return src.reshape(shape), tgt.reshape(shape), matched.reshape(shape)
 
 
 def _assign_callback(costs, valid):
@@ -118,22 +119,6 @@ def _assign_callback(costs, valid):
   # `assign_np` is looked up at call time, so tests can observe the host calls.
   return jax.pure_callback(lambda c, v: assign_np(c, v), out, costs, valid,
                            vmap_method='sequential')
-
-
-def _per_shard(solve, costs, valid, mesh):
-  """Run `solve(costs [..., b, Q, G], valid [b, G])` on every device's images (shard_map)."""
-  if mesh is None:
-    return solve(costs, valid)
-  if 'data' not in mesh.axis_names:
-    raise ValueError(f"hungarian_match: mesh needs a 'data' axis, got {mesh.axis_names}")
-  batch, shards = valid.shape[0], mesh.shape['data']
-  if batch % shards:
-    raise ValueError(f'hungarian_match: batch {batch} is not divisible by the {shards} '
-                     "devices of mesh axis 'data'")
-  cost_spec = P(*(None,) * (costs.ndim - 3), 'data')
-  fn = jax.shard_map(solve, mesh=mesh, in_specs=(cost_spec, P('data')),
-                     out_specs=(cost_spec,) * 3, check_vma=False)
-  return fn(costs, valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,27 +223,33 @@ def _assign_jax(costs, valid):
   # One problem at a time: a batched search must run until its slowest problem finishes, which
   # measured 4x slower on CPU than this sequential map (benchmarks/matching.py).
   col4row = lax.map(lambda cv: lsap_jax(cv[0][None], cv[1][None])[0], (flat_c, flat_v))
-  ok = col4row >= 0
+  matched = col4row >= 0
   # Sort the pairs by query index (scipy's order), invalid ones last.
-  key = jnp.where(ok, col4row, q + jnp.arange(g))
+  key = jnp.where(matched, col4row, q + jnp.arange(g))
   order = jnp.argsort(key, axis=-1)
   src = jnp.take_along_axis(jnp.maximum(col4row, 0), order, axis=-1)
-  ok = jnp.take_along_axis(ok, order, axis=-1)
-  tgt = jnp.where(ok, order, 0).astype(jnp.int32)
-  src = jnp.where(ok, src, 0).astype(jnp.int32)
+  matched = jnp.take_along_axis(matched, order, axis=-1)
+  tgt = jnp.where(matched, order, 0).astype(jnp.int32)
+  src = jnp.where(matched, src, 0).astype(jnp.int32)
   shape = lead + (g,)
-  return src.reshape(shape), tgt.reshape(shape), ok.reshape(shape)
+  return src.reshape(shape), tgt.reshape(shape), matched.reshape(shape)
 
 
-def assign(costs, valid, solver='scipy', mesh=None):
-  """Solve every `[Q, G]` problem of `costs [..., B, Q, G]` with targets `valid [B, G]`."""
+def assign(costs, valid, solver='scipy'):
+  """Solve every `[Q, G]` problem of `costs [..., B, Q, G]` with targets `valid [B, G]`.
+
+  Runs per batch shard under a context mesh (`solq_jax.sharding.per_batch_shard`); the batch
+  axis of the costs and of the results follows the leading (e.g. decoder-layer) axes.
+  """
   solve = {'scipy': _assign_callback, 'jax': _assign_jax}.get(solver)
   if solve is None:
     raise ValueError(f'unknown matching solver {solver!r}; expected one of {SOLVERS}')
-  return _per_shard(solve, lax.stop_gradient(costs), valid, mesh)
+  batch_axis = costs.ndim - 3
+  return sharding.per_batch_shard(solve, lax.stop_gradient(costs), valid,
+                                  in_axes=(batch_axis, 0), out_axes=batch_axis)
 
 
-def hungarian_match(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid, mesh=None, *,
+def hungarian_match(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid, *,
                     cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'):
   """Match the queries of every image to its targets (the official `HungarianMatcher`).
 
@@ -266,7 +257,6 @@ def hungarian_match(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid, m
     pred_logits: `[B, Q, C]` (or `[L, B, Q, C]`: every layer matched independently in one call).
     pred_boxes: `[B, Q, 4]` (or `[L, B, Q, 4]`) cxcywh.
     tgt_labels, tgt_boxes, tgt_valid: `[B, G]`, `[B, G, 4]`, `[B, G]` padded targets.
-    mesh: optional `Mesh` with a `'data'` axis: the solver then runs per shard (shard_map).
     cost_class, cost_bbox, cost_giou: cost weights (official 2, 5, 2).
     solver: `'scipy'` (host callback) or `'jax'` (exact, on device).
 
@@ -275,7 +265,7 @@ def hungarian_match(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid, m
   """
   costs = match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_valid,
                      cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
-  return assign(costs, tgt_valid, solver=solver, mesh=mesh)
+  return assign(costs, tgt_valid, solver=solver)
 
 
 def matcher_from_config(loss_config):

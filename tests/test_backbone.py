@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from solq_jax.models.backbone import (Bottleneck, FrozenBatchNorm, ResNet, backbone_channels)
+from solq_jax.models.backbone import (Bottleneck, FrozenBatchNorm, ResNet, backbone_channels,
+                                      frozen_module)
 
 RNG = np.random.default_rng(0)
 
@@ -165,6 +166,7 @@ def test_frozen_stages_knob(frozen_stages):
   for name, total in g.items():
     stage = 1 if name == 'conv1' else int(name[len('layer')])  # the stem goes with layer1
     assert (total > 0) == (stage > frozen_stages), (name, total)
+    assert (total > 0) == (not frozen_module(name, frozen_stages)), (name, total)
 
 
 def test_group_norm_backbone_trains_its_norms():

@@ -249,9 +249,9 @@ def test_train_steps_and_evaluation_from_tfds(dataset):
   training tests) on TFDS batches, then COCO bbox + segm evaluation against the in-memory GT."""
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
+  from solq_jax import sharding
   from solq_jax.inference import evaluate
   from solq_jax.inference import postprocess
-  from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import train_helpers  # pylint: disable=g-import-not-at-top
   tr = train_helpers.trainer(1)
   config = tfds_config(dataset)
@@ -263,7 +263,8 @@ def test_train_steps_and_evaluation_from_tfds(dataset):
   losses = []
   for batch in train.iterator():
     assert batch['valid'].any() and set(batch['labels'][batch['valid']]) <= set(range(1, 6))
-    state, metrics = tr.train_step(state, step_lib.shard_batch(batch, tr.mesh))
+    device_batch = pipeline.train_device_batch(batch)
+    state, metrics = tr.train_step(state, sharding.shard_batch(device_batch, tr.mesh))
     losses.append(float(jax.device_get(metrics['total'])))
   assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
   val = tfds_source.build_source(config, config.data.val_split)

@@ -1,5 +1,6 @@
-"""The SOLQ criterion: every term against a numpy re-derivation of spec 4 (with its own scipy
-matching), the variants, empty and padded batches, and gradients vs finite differences."""
+"""The SOLQ criterion: every term against a numpy re-derivation of the official `SetCriterion`
+(with its own scipy matching), the variants, empty and padded batches, and gradients vs finite
+differences."""
 import copy
 
 import jax
@@ -19,6 +20,11 @@ def make_config(base, **loss_overrides):
   for key, value in loss_overrides.items():
     config.loss[key] = value
   return config
+
+
+def criterion(config, coder=None):
+  """The criterion of `config.loss` (`coder`: the mask coder the dice variant decodes with)."""
+  return losses.criterion_from_config(config.loss, coder)
 
 
 def make_batch(seed, b=B, q=Q, c=C, g=G, k=K, layers=LAYERS):
@@ -66,7 +72,8 @@ def np_vector_term(pred, tgt, kind):
 
 
 def np_layer(layer, targets, num_boxes, loss_cfg):
-  """Spec 4 for one decoder layer, image by image, with its own scipy matching."""
+  """The official criterion for one decoder layer, image by image, with its own scipy
+  matching."""
   logits = layer['pred_logits'].astype(np.float64)
   target_classes = np.zeros_like(logits)
   l1 = giou = 0.0
@@ -133,7 +140,7 @@ def batch():
 def test_every_term_equals_numpy(tiny_config, batch):
   config = make_config(tiny_config, vector_loss_scale=2.5, cls_weight=1.5, vector_weight=0.7)
   outputs, targets = batch
-  got = jax.jit(lambda o, t: losses.solq_losses(o, t, config))(outputs, targets)
+  got = jax.jit(criterion(config))(outputs, targets)
   ref = np_criterion(outputs, targets, config.loss)
   assert set(got) == set(ref)
   assert len(got) == 4 * LAYERS + 1
@@ -142,16 +149,17 @@ def test_every_term_equals_numpy(tiny_config, batch):
 
 
 @pytest.mark.parametrize('vector_loss', ['l1', 'smooth_l1', 'l2', 'cosine'])
-def test_vector_variants_equal_numpy(tiny_config, vector_loss):
+def test_vector_variants_equal_numpy(vector_loss):
   """Each variant on masked pairs (padded pairs hold the dummy 1.0 as in `layer_losses`)."""
   rng = np.random.default_rng(2)
   pred = rng.normal(0, 1.5, (2, 5, K)).astype(np.float32)
   tgt = rng.normal(0, 1.5, (2, 5, K)).astype(np.float32)
-  ok = rng.random((2, 5)) < 0.6
-  pred[~ok] = tgt[~ok] = 1.0
-  got = losses.VECTOR_LOSSES[vector_loss](jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(ok),
-                                          tiny_config)
-  ref = np_vector_term(pred[ok].astype(np.float64), tgt[ok].astype(np.float64), vector_loss)
+  pair_valid = rng.random((2, 5)) < 0.6
+  pred[~pair_valid] = tgt[~pair_valid] = 1.0
+  got = losses.vector_loss_fn(vector_loss)(jnp.asarray(pred), jnp.asarray(tgt),
+                                           jnp.asarray(pair_valid))
+  ref = np_vector_term(pred[pair_valid].astype(np.float64), tgt[pair_valid].astype(np.float64),
+                       vector_loss)
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
 
 
@@ -159,15 +167,14 @@ def test_matcher_jax_gives_the_same_losses(tiny_config, batch):
   outputs, targets = batch
   ref = np_criterion(outputs, targets, tiny_config.loss)
   config = make_config(tiny_config, matcher='jax')
-  got = jax.jit(lambda o, t: losses.solq_losses(o, t, config))(outputs, targets)
+  got = jax.jit(criterion(config))(outputs, targets)
   for key in ref:
     np.testing.assert_allclose(float(got[key]), ref[key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
 def test_stage_selection_and_aux_switch(tiny_config, batch):
   outputs, targets = batch
-  keys = lambda cfg: set(jax.eval_shape(lambda o, t: losses.solq_losses(o, t, cfg),
-                                        outputs, targets))
+  keys = lambda cfg: set(jax.eval_shape(criterion(cfg), outputs, targets))
   late = keys(make_config(tiny_config, vector_start_stage=2))
   assert 'loss_vector' in late and 'loss_vector_0' not in late and 'loss_vector_1' not in late
   assert {'loss_ce_0', 'loss_giou_1', 'loss_bbox_1'} <= late
@@ -182,7 +189,7 @@ def test_no_targets_and_garbage_padding_stay_finite(tiny_config, batch):
   config = tiny_config
 
   def total(o, t):
-    terms = losses.solq_losses(o, t, config)
+    terms = criterion(config)(o, t)
     return terms['total'], terms
 
   loss_and_grad = jax.jit(jax.value_and_grad(total, has_aux=True))
@@ -228,7 +235,7 @@ def test_gradient_matches_finite_differences(tiny_config):
     tgts = {k: (np.asarray(v, np.float64) if v.dtype == np.float32 else v)
             for k, v in targets.items()}
     value_and_grad = jax.jit(jax.value_and_grad(
-        lambda w: losses.solq_losses(forward(w), tgts, config)['total']))
+        lambda w: criterion(config)(forward(w), tgts)['total']))
     f = lambda w: float(value_and_grad(w)[0])
     w0 = rng.normal(0, 0.1, (3, 11))
     grad = np.asarray(value_and_grad(w0)[1])
@@ -253,7 +260,7 @@ def test_dice_variant(tiny_config):
   outputs, targets = make_batch(9, b=2, q=6, c=3, g=2, k=gt.shape[1], layers=1)
   targets['vectors'] = gt.reshape(2, 2, -1)
   targets['valid'][:] = True
-  terms = jax.jit(lambda o, t: losses.solq_losses(o, t, config))(outputs, targets)
+  terms = jax.jit(criterion(config, coder))(outputs, targets)
 
   # Numpy composition with the matching from the numpy cost.
   pairs = []
@@ -276,5 +283,6 @@ def test_dice_variant(tiny_config):
            pred_vectors=jnp.asarray(gt)[None]),
       dict(labels=jnp.zeros((1, 4), jnp.int32), boxes=jnp.full((1, 4, 4), 0.5),
            vectors=jnp.asarray(gt)[None], valid=jnp.ones((1, 4), bool)),
-      (jnp.arange(4)[None], jnp.arange(4)[None], jnp.ones((1, 4), bool)), 4.0, config)
+      (jnp.arange(4)[None], jnp.arange(4)[None], jnp.ones((1, 4), bool)), 4.0,
+      vector_loss=losses.vector_loss_fn('dice', coder, config.loss.dice_sharpness))
   assert float(perfect['loss_vector']) < 0.1 < 0.5 < float(terms['loss_vector'])

@@ -1,5 +1,5 @@
-"""Matching: the cost matrix against a numpy re-derivation of spec 3, the scipy and pure-JAX
-assignments against direct scipy calls (rectangular, padded, empty images, ties)."""
+"""Matching: the cost matrix against a numpy re-derivation of the official matcher, the scipy and
+pure-JAX assignments against direct scipy calls (rectangular, padded, empty images, ties)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +29,7 @@ def _np_xyxy(b):
 
 
 def np_cost(logits, boxes, labels, tgt_boxes, w_class=2.0, w_bbox=5.0, w_giou=2.0):
-  """Spec 3 for one image, pair by pair in float64: `[Q, G]`."""
+  """The official matching cost for one image, pair by pair in float64: `[Q, G]`."""
   q, g = logits.shape[0], labels.shape[0]
   out = np.zeros((q, g))
   for i in range(q):
@@ -97,15 +97,15 @@ def test_scipy_assignment_equals_scipy(q, g):
   valid = rng.random((5, g)) < 0.6
   valid[0] = False
   valid[1] = True
-  src, tgt, ok = jax.jit(matching.assign)(costs, valid)
-  src, tgt, ok = map(np.asarray, (src, tgt, ok))
-  assert src.shape == tgt.shape == ok.shape == (2, 5, g)
+  src, tgt, matched = jax.jit(matching.assign)(costs, valid)
+  src, tgt, matched = map(np.asarray, (src, tgt, matched))
+  assert src.shape == tgt.shape == matched.shape == (2, 5, g)
   for l in range(2):
     for b in range(5):
       r, c = scipy_reference(costs[l, b], valid[b])
       n = r.size
       assert n == min(q, valid[b].sum())
-      np.testing.assert_array_equal(ok[l, b], np.arange(g) < n)
+      np.testing.assert_array_equal(matched[l, b], np.arange(g) < n)
       np.testing.assert_array_equal(src[l, b, :n], r)
       np.testing.assert_array_equal(tgt[l, b, :n], c)
       assert (src[l, b, n:] == 0).all() and (tgt[l, b, n:] == 0).all()
@@ -114,17 +114,17 @@ def test_scipy_assignment_equals_scipy(q, g):
 def test_hungarian_match_end_to_end():
   rng = np.random.default_rng(3)
   logits, boxes, labels, tgt, valid = random_problem(rng, 4, 10, 6, 5)
-  src, tgt_idx, ok = map(np.asarray, jax.jit(matching.hungarian_match)(
+  src, tgt_idx, matched = map(np.asarray, jax.jit(matching.hungarian_match)(
       logits, boxes, labels, tgt, valid))
   for b in range(4):
     r, c = scipy_reference(np_cost(logits[b], boxes[b], labels[b], tgt[b].astype(np.float64)),
                            valid[b])
-    np.testing.assert_array_equal(src[b][ok[b]], r)
-    np.testing.assert_array_equal(tgt_idx[b][ok[b]], c)
+    np.testing.assert_array_equal(src[b][matched[b]], r)
+    np.testing.assert_array_equal(tgt_idx[b][matched[b]], c)
 
 
-def _total(cost, src, tgt, ok):
-  return cost[src[ok], tgt[ok]].sum()
+def _total(cost, src, tgt, matched):
+  return cost[src[matched], tgt[matched]].sum()
 
 
 @pytest.mark.parametrize('integer_costs', [False, True])
@@ -139,14 +139,14 @@ def test_jax_solver_is_optimal(integer_costs):
   valid = rng.random((6, g)) < 0.6
   valid[0] = False
   valid[1] = True
-  src, tgt, ok = map(np.asarray, jax.jit(matching.assign, static_argnames='solver')(
+  src, tgt, matched = map(np.asarray, jax.jit(matching.assign, static_argnames='solver')(
       costs, valid, solver='jax'))
   for l in range(3):
     for b in range(6):
       r, c = scipy_reference(costs[l, b].astype(np.float64), valid[b])
-      assert ok[l, b].sum() == r.size
-      np.testing.assert_array_equal(ok[l, b], np.arange(g) < r.size)
-      s, t = src[l, b][ok[l, b]], tgt[l, b][ok[l, b]]
+      assert matched[l, b].sum() == r.size
+      np.testing.assert_array_equal(matched[l, b], np.arange(g) < r.size)
+      s, t = src[l, b][matched[l, b]], tgt[l, b][matched[l, b]]
       assert len(set(s)) == s.size and set(t) == set(c)       # a valid matching of all targets
       assert (np.diff(s) > 0).all()                           # sorted by query like scipy
       np.testing.assert_allclose(_total(costs[l, b], s, t, np.ones_like(s, bool)),
@@ -160,13 +160,13 @@ def test_lsap_jax_square_and_skipped_rows(n, m):
   rows = rng.random((20, n)) < 0.7
   cols = np.asarray(jax.jit(matching.lsap_jax)(cost, rows))
   for k in range(20):
-    col, ok = cols[k], rows[k]
-    assert (col[~ok] == -1).all()
-    picked = col[ok]
+    col, row_valid = cols[k], rows[k]
+    assert (col[~row_valid] == -1).all()
+    picked = col[row_valid]
     assert len(set(picked)) == picked.size and (picked >= 0).all()
-    r, c = scipy.optimize.linear_sum_assignment(cost[k][ok].astype(np.float64))
-    np.testing.assert_allclose(cost[k][ok][np.arange(picked.size), picked].sum(),
-                               cost[k][ok][r, c].sum(), rtol=1e-5, atol=1e-4, err_msg=str(k))
+    r, c = scipy.optimize.linear_sum_assignment(cost[k][row_valid].astype(np.float64))
+    np.testing.assert_allclose(cost[k][row_valid][np.arange(picked.size), picked].sum(),
+                               cost[k][row_valid][r, c].sum(), rtol=1e-5, atol=1e-4, err_msg=str(k))
 
 
 def test_bad_inputs_are_named():

@@ -215,12 +215,10 @@ def test_sharded_batch_runs_per_device_without_all_gathers():
   """Under the train step's mesh context the core and its gradient run per batch shard.
 
   Left to the SPMD partitioner, the gathers and scatters into a batch-sharded value table became
-  an all-gather per tap; under `per_batch_shard` the compiled program has none, and the values
-  and gradients equal the unsharded ones.
+  an all-gather per tap; under `sharding.per_batch_shard` the compiled program has none, and the
+  values and gradients equal the unsharded ones.
   """
-  from jax.sharding import NamedSharding, PartitionSpec
-  from solq_jax.training import step as step_lib
-  assert msda.BATCH_AXIS == step_lib.DATA_AXIS
+  from solq_jax import sharding
   rng = np.random.default_rng(7)
   value, loc, attn = random_inputs(rng, 8, 13)
   cotangent = rng.normal(size=(8, 13, HEADS * HEAD_DIM)).astype(np.float32)
@@ -230,10 +228,10 @@ def test_sharded_batch_runs_per_device_without_all_gathers():
     return jnp.sum(out * cotangent), out
 
   grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
-  mesh = step_lib.make_mesh(4)
-  data = NamedSharding(mesh, PartitionSpec(step_lib.DATA_AXIS))
+  mesh = sharding.make_mesh(4)
+  data = sharding.batch_sharding(mesh)
   sharded = jax.jit(grad, in_shardings=(data, data, data))
-  with jax.set_mesh(mesh):
+  with sharding.mesh_context(mesh):
     hlo = sharded.lower(value, loc, attn).compile().as_text()
     got_grads, got_out = sharded(value, loc, attn)
   assert 'all-gather' not in hlo and 'all-reduce' not in hlo

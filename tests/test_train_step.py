@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import train_helpers
+from solq_jax import data
+from solq_jax import sharding
 from solq_jax.training import optimizer as optimizer_lib
 from solq_jax.training import state as state_lib
-from solq_jax.training import step as step_lib
 
 # The fixtures compile the micro model's init and train step on 8 and on 1 device.
 pytestmark = pytest.mark.timeout(1800)
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 @pytest.fixture(scope='module')
 def batch():
-  return next(train_helpers.trainer(8).data.iterator())
+  return data.train_device_batch(next(train_helpers.trainer(8).data.iterator()))
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +26,7 @@ def one_step(batch):
   for n in (8, 1):
     tr = train_helpers.trainer(n)
     state = tr.initial_state()
-    new_state, metrics = tr.train_step(state, step_lib.shard_batch(batch, tr.mesh))
+    new_state, metrics = tr.train_step(state, sharding.shard_batch(batch, tr.mesh))
     out[n] = jax.device_get((new_state, metrics))
     assert new_state.params['query_embed']['embedding'].sharding.is_fully_replicated
   return train_helpers.trainer(8)._variables, out  # pylint: disable=protected-access
@@ -33,13 +34,13 @@ def one_step(batch):
 
 def test_batch_is_split_over_the_mesh(batch):
   tr = train_helpers.trainer(8)
-  sharded = step_lib.shard_batch(batch, tr.mesh)
+  sharded = sharding.shard_batch(batch, tr.mesh)
   images = sharded['images']
   assert images.shape == batch['images'].shape
   assert len(images.addressable_shards) == 8
   assert {s.data.shape[0] for s in images.addressable_shards} == {batch['images'].shape[0] // 8}
   with pytest.raises(ValueError, match='multiple'):
-    step_lib.check_batch_size(12, tr.mesh)
+    sharding.check_batch_size(12, tr.mesh)
 
 
 def test_eight_devices_equal_one(one_step):
@@ -88,7 +89,7 @@ def test_a_few_steps_fit_one_batch(batch, one_step):
   del one_step  # the 1-device step is compiled there
   tr = train_helpers.trainer(1)
   state = tr.initial_state()
-  sharded = step_lib.shard_batch(batch, tr.mesh)
+  sharded = sharding.shard_batch(batch, tr.mesh)
   totals = []
   for _ in range(6):
     state, metrics = tr.train_step(state, sharded)

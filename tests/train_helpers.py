@@ -3,8 +3,8 @@ import functools
 
 import train_micro_config
 
+from solq_jax import sharding
 from solq_jax.training import loop
-from solq_jax.training import step as step_lib
 
 CONFIG_FILE = 'tests/train_micro_config.py'
 
@@ -21,4 +21,4 @@ def trainer(num_devices: int) -> loop.Trainer:
   if num_devices != 8:
     trainer(8).initial_state()
     variables = trainer(8)._variables  # pylint: disable=protected-access
-  return loop.Trainer(micro_config(), mesh=step_lib.make_mesh(num_devices), variables=variables)
+  return loop.Trainer(micro_config(), mesh=sharding.make_mesh(num_devices), variables=variables)

@@ -14,6 +14,7 @@ from solq_jax.data.pipeline import build_source
 from solq_jax.data.pipeline import bucket_shape
 from solq_jax.data.pipeline import bucket_sizes
 from solq_jax.data.pipeline import eval_pipeline
+from solq_jax.data.pipeline import train_device_batch
 from solq_jax.data.pipeline import train_pipeline
 from solq_jax.data.synthetic import ensure_dataset
 from solq_jax.data.synthetic import write_split
@@ -23,5 +24,6 @@ from solq_jax.data.transforms import plan_train
 from solq_jax.data.transforms import resized_hw
 
 __all__ = ['CocoSource', 'DataError', 'BATCH_KEYS', 'TRAIN_DEVICE_KEYS', 'build_source',
-           'bucket_shape', 'bucket_sizes', 'eval_pipeline', 'train_pipeline', 'ensure_dataset', 'write_split',
-           'make_targets', 'plan_eval', 'plan_train', 'resized_hw']
+           'bucket_shape', 'bucket_sizes', 'eval_pipeline', 'train_device_batch',
+           'train_pipeline', 'ensure_dataset', 'write_split', 'make_targets', 'plan_eval',
+           'plan_train', 'resized_hw']

@@ -34,6 +34,11 @@ BATCH_KEYS = ('images', 'pad_mask', 'labels', 'boxes', 'vectors', 'valid', 'imag
 TRAIN_DEVICE_KEYS = ('images', 'pad_mask', 'labels', 'boxes', 'vectors', 'valid')
 
 
+def train_device_batch(batch):
+  """The part of a batch that the train step reads (`TRAIN_DEVICE_KEYS`)."""
+  return {k: batch[k] for k in TRAIN_DEVICE_KEYS}
+
+
 class PlannedRecord(NamedTuple):
   """One row of a global batch, planned from the step number alone."""
   index: int      # the source record, or -1 for the filler of a short final eval batch

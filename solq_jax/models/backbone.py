@@ -6,8 +6,10 @@ max-pool 3x3/2 (pad 1, padding never wins the max), BasicBlock or Bottleneck (v1
 stage maps a size n to ceil(n/2), as torch does with these paddings.
 
 The batch-norm constants are not parameters: they live in the `buffers` collection and are never
-trained. The stem and layer1 are frozen in the official model; gradients are stopped at the
-output of layer1, so no backward pass ever runs through them.
+trained. The stem and layer1 are frozen in the official model. `frozen_module` is the one rule
+that says which backbone modules are frozen: the ResNet stops gradients after the last module it
+freezes (so no backward pass ever runs through them), and the optimiser's frozen parameter group
+(solq_jax.training.optimizer) is read from it.
 
 Two knobs exist for training WITHOUT pretrained weights (the CPU demo): `norm='group_norm'`
 replaces every frozen batch norm with a trained GroupNorm (same module names, its scale and bias
@@ -31,6 +33,19 @@ _WIDTHS = (64, 128, 256, 512)
 BN_EPS = 1e-5
 NORMS = ('frozen_bn', 'group_norm')
 GN_GROUPS = 32
+
+
+STEM = ('conv1', 'bn1')
+
+
+def frozen_module(module_name: str, frozen_stages: int) -> bool:
+  """Whether the backbone module `module_name` (a top-level name under the backbone's params:
+  `conv1`, `bn1`, `layer{s}_{k}`) is frozen when stages 1..`frozen_stages` are: the stem goes
+  with layer1, later stages by their index."""
+  if module_name in STEM:
+    return frozen_stages >= 1
+  stage = module_name[len('layer'):].split('_')[0] if module_name.startswith('layer') else ''
+  return stage.isdigit() and int(stage) <= frozen_stages
 
 
 def resnet_layout(name: str):
@@ -125,19 +140,26 @@ _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 class ResNet(nn.Module):
   """ResNet body; returns `[layer2, layer3, layer4]` feature maps, NHWC."""
-  name_: str = 'resnet50'
+  variant: str = 'resnet50'     # a key of RESNET_LAYOUTS
   norm: str = 'frozen_bn'
-  frozen_stages: int = 1        # stem + layer1 .. layer{frozen_stages} get no gradient
+  frozen_stages: int = 1        # the modules `frozen_module` names get no gradient
 
   @nn.compact
   def __call__(self, x):
-    kind, blocks = resnet_layout(self.name_)
+    kind, blocks = resnet_layout(self.variant)
     block_cls = _BLOCKS[kind]
     if not 0 <= self.frozen_stages <= 4:
       raise ValueError('config.model.backbone_frozen_stages must be in 0..4 (0: train the '
                        f'whole backbone; 1: stem + layer1 frozen), got {self.frozen_stages}')
+    # Units in order: the stem, then the four stages (named by their first block); gradients
+    # stop after the last one the rule freezes.
+    units = [STEM[0]] + [f'layer{stage + 1}_0' for stage in range(len(blocks))]
+    last_frozen = max((i for i, u in enumerate(units) if frozen_module(u, self.frozen_stages)),
+                      default=-1)
     x = nn.relu(norm_layer(self.norm, 'bn1')(conv(64, 7, 2, 'conv1')(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if last_frozen == 0:
+      x = jax.lax.stop_gradient(x)
     in_channels = 64
     outputs = []
     for stage, (width, n) in enumerate(zip(_WIDTHS, blocks)):
@@ -148,8 +170,8 @@ class ResNet(nn.Module):
         x = block_cls(width, stride, needs_downsample, self.norm,
                       name=f'layer{stage + 1}_{k}')(x)
         in_channels = out_channels
-      if stage + 1 == self.frozen_stages:
-        x = jax.lax.stop_gradient(x)  # the stem and stages 1..frozen_stages are frozen
+      if stage + 1 == last_frozen:
+        x = jax.lax.stop_gradient(x)
       if stage > 0:
         outputs.append(x)
     return outputs

@@ -1,52 +1,39 @@
 """Multi-scale deformable attention core: bilinear sampling of a multi-level value map.
 
-`ms_deform_attn_core` is the one entry point (contract 2 of the project). Sampling follows
-`torch.nn.functional.grid_sample(align_corners=False, padding_mode='zeros')`: a normalised
-location (x, y) maps to pixel coordinates `u = x * W - 0.5`, `v = y * H - 0.5` of its level, and
-each of the 4 bilinear corners that falls outside the map contributes zero.
+`ms_deform_attn_core` is the one entry point (its contract: docs/design.md, "Deformable-attention
+core"); it dispatches to the XLA core below or to the Pallas kernel of `kernels/`. Sampling
+follows `torch.nn.functional.grid_sample(align_corners=False, padding_mode='zeros')`; the corner
+math is `kernels.bilinear`, shared with the kernel.
 
-The XLA implementation is written for XLA:CPU's fusion rules (see perf_notes.md): the value map
-is read as a table of rows `[B*S*M, Dh]` (row = (batch, pixel, head), no transpose), each of the
-L*P samples computes its 4 corner rows and weights inline and adds 4 weighted gathers to the
-accumulator in one loop fusion, and an `optimization_barrier` between samples keeps it at one
-fusion per sample. Its gradient is a `custom_vjp` that scans over chunks of queries, gathers the
-same taps, reduces them against the output gradient (locations, weights) and scatter-adds the
-weighted output gradient into the value gradient (deterministic on CPU).
+The XLA implementation is written for XLA:CPU's fusion rules (benchmarks/ms_deform_attn.py
+compares it with simpler cores): the value map is read as a table of rows `[B*S*M, Dh]`
+(row = (batch, pixel, head), no transpose), each of the L*P samples computes its 4 corner rows
+and weights inline and adds 4 weighted gathers to the accumulator in one loop fusion, and an
+`optimization_barrier` between samples keeps it at one fusion per sample. Its gradient is a
+`custom_vjp` that scans over chunks of queries, gathers the same taps, reduces them against the
+output gradient (locations, weights) and scatter-adds the weighted output gradient into the value
+gradient (deterministic on CPU).
 """
 import functools
 import logging
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from kernels.bilinear import accumulation_dtype, bilinear_taps, bilinear_taps_xy, samples
+from solq_jax import sharding
+
 IMPLS = ('xla', 'pallas', 'auto')
-BATCH_AXIS = 'data'  # the mesh axis the batch is sharded over (solq_jax.training.step.DATA_AXIS)
 # Output-gradient bytes per step of the backward scan: the chunk holds this many bytes of
-# `[B, chunk, M, Dh]` f32 (one core: R50 512x512 encoder, B=1 M=8 Dh=32, chunk 64 queries ->
-# 184 ms, 128 -> 205, 256 -> 227, 512 -> 283; demo encoder, B=4 M=8 Dh=16: 32 -> 20 ms,
-# 64 -> 21, 128 -> 33, 256 -> 51).
+# `[B, chunk, M, Dh]` f32. Small chunks keep each step's temporaries in cache; the measured
+# chunk sizes are in benchmarks/README.md.
 BACKWARD_CHUNK_BYTES = 64 * 1024
 
 
-class Tap(NamedTuple):
-  """One bilinear corner of a batch of samples (all fields broadcast to the sample shape)."""
-  index: jax.Array   # int32 flat pixel index `row * W + col`, clipped into the map
-  inside: jax.Array  # 1.0 where the corner lies on the map, else 0.0
-  wx: jax.Array      # horizontal bilinear factor (1 - fx or fx)
-  wy: jax.Array      # vertical bilinear factor (1 - fy or fy)
-  sx: float          # d wx / d fx (-1 or +1)
-  sy: float          # d wy / d fy (-1 or +1)
-
-  @property
-  def weight(self):
-    return self.inside * self.wx * self.wy
-
-
 def check_inputs(value, spatial_shapes, sampling_locations, attention_weights):
-  """Validates the contract's shapes; returns `spatial_shapes` as a tuple of int pairs."""
+  """Validates the inputs' shapes; returns `spatial_shapes` as a tuple of int pairs."""
   if value.ndim != 4:
     raise ValueError(f'value must be [B,S,M,Dh], got shape {value.shape}')
   b, s, m, _ = value.shape
@@ -65,46 +52,6 @@ def check_inputs(value, spatial_shapes, sampling_locations, attention_weights):
     raise ValueError(f'attention_weights must be {(b, lq, m, nl, p)}, got '
                      f'{attention_weights.shape}')
   return shapes
-
-
-def bilinear_taps(loc, height, width):
-  """The 4 bilinear corners of normalised locations `loc [..., 2]` on a `height x width` map."""
-  return bilinear_taps_xy(loc[..., 0], loc[..., 1], height, width)
-
-
-def bilinear_taps_xy(x, y, height, width):
-  """`bilinear_taps` for separate x and y arrays (also used inside the Pallas kernel)."""
-  u = x * width - 0.5
-  v = y * height - 0.5
-  x0 = jnp.floor(u)
-  y0 = jnp.floor(v)
-  fx = u - x0
-  fy = v - y0
-  x0 = x0.astype(jnp.int32)
-  y0 = y0.astype(jnp.int32)
-  taps = []
-  for dy, wy, sy in ((0, 1 - fy, -1.0), (1, fy, 1.0)):
-    for dx, wx, sx in ((0, 1 - fx, -1.0), (1, fx, 1.0)):
-      col = x0 + dx
-      row = y0 + dy
-      inside = ((col >= 0) & (col < width) & (row >= 0) & (row < height)).astype(u.dtype)
-      index = jnp.clip(row, 0, height - 1) * width + jnp.clip(col, 0, width - 1)
-      taps.append(Tap(index, inside, wx, wy, sx, sy))
-  return taps
-
-
-def accumulation_dtype(value):
-  """f32 for f32/bf16/f16 values (f64 stays f64, for float64 gradient checks)."""
-  return jnp.promote_types(value.dtype, jnp.float32)
-
-
-def samples(shapes, num_points):
-  """Yields `(level, point, level_start, H, W)` for every sample of a query, in order."""
-  start = 0
-  for lvl, (h, w) in enumerate(shapes):
-    for pt in range(num_points):
-      yield lvl, pt, start, h, w
-    start += h * w
 
 
 def _row_base(b, s, m):
@@ -310,21 +257,8 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
     fn = pallas_kernel.ms_deform_attn_pallas
   else:
     fn = ms_deform_attn_xla
-  return per_batch_shard(lambda v, loc, attn: fn(v, shapes, loc, attn), value,
-                         sampling_locations, attention_weights)
-
-
-def per_batch_shard(core, value, sampling_locations, attention_weights):
-  """Runs `core` on each device's slice of the batch when the batch is sharded over a mesh.
-
-  Under a mesh context (`jax.set_mesh`, as the train and eval steps trace) whose `BATCH_AXIS` has
-  more than one device, the core runs under `jax.shard_map` on the local examples. Left to the
-  SPMD partitioner, its data-dependent gathers and scatters into a batch-sharded value table
-  become an all-gather per tap (thousands per step). Without a mesh it is a plain call.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
-    return core(value, sampling_locations, attention_weights)
-  spec = jax.sharding.PartitionSpec(BATCH_AXIS)
-  return jax.shard_map(core, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-      value, sampling_locations, attention_weights)
+  # Per batch shard under the train and eval steps' context mesh: left to the SPMD partitioner,
+  # the data-dependent gathers and scatters into a batch-sharded value table become an
+  # all-gather per tap (thousands per step).
+  return sharding.per_batch_shard(lambda v, loc, attn: fn(v, shapes, loc, attn), value,
+                                  sampling_locations, attention_weights)

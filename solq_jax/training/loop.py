@@ -16,8 +16,10 @@ from typing import Any, Callable, Dict, Optional
 import jax
 
 from solq_jax import data as data_lib
+from solq_jax import losses
 from solq_jax import masks
 from solq_jax import models
+from solq_jax import sharding
 from solq_jax.training import checkpoint as checkpoint_lib
 from solq_jax.training import distributed
 from solq_jax.training import init as init_lib
@@ -44,10 +46,11 @@ class Trainer:
     """`variables`: optional step-0 `{'params', 'buffers'}` (default: as `config.model` says)."""
     self.config = config
     t = config.train
-    self.mesh = mesh if mesh is not None else step_lib.make_mesh(t.num_devices)
-    step_lib.check_batch_size(t.batch_size, self.mesh)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(t.num_devices)
+    sharding.check_batch_size(t.batch_size, self.mesh)
     self.model = models.build_model(config.model)
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
+    self.criterion = losses.criterion_from_config(config.loss, self.coder)
     self.data = data_lib.train_pipeline(config, self.coder)
     self.steps_per_epoch = self.data.steps_per_epoch
     self.total_steps = int(t.total_steps) or int(t.epochs) * self.steps_per_epoch
@@ -75,8 +78,8 @@ class Trainer:
           self.config.model.backbone_frozen_stages)
     variables = self._variables
     state = state_lib.create(variables, self.tx, self.train_key)
-    self._state_template = step_lib.abstract_state(state, self.mesh)
-    return step_lib.replicate(state, self.mesh)
+    self._state_template = sharding.abstract_state(state, self.mesh)
+    return sharding.replicate(state, self.mesh)
 
   @property
   def train_step(self):
@@ -85,8 +88,7 @@ class Trainer:
         raise RuntimeError('call initial_state() before train_step')
       schedule = optimizer_lib.group_schedules(self.config.train, self.steps_per_epoch)
       self._train_step = step_lib.make_train_step(
-          self.config, self.model, self.tx, self.mesh, schedule[optimizer_lib.DEFAULT],
-          self._state_template.params)
+          self.model, self.tx, self.mesh, self.criterion, schedule[optimizer_lib.DEFAULT])
     return self._train_step
 
   def checkpointer(self, workdir) -> checkpoint_lib.Checkpointer:
@@ -144,8 +146,8 @@ class Trainer:
       batch = next(iterator) if step < stop else None
       tick, tick_step = time.time(), step
       while step < stop:
-        device_batch = {k: batch[k] for k in data_lib.TRAIN_DEVICE_KEYS}
-        state, metrics = self.train_step(state, step_lib.shard_batch(device_batch, self.mesh))
+        state, metrics = self.train_step(
+            state, sharding.shard_batch(data_lib.train_device_batch(batch), self.mesh))
         step += 1
         data_state = iterator.get_state()  # positioned at batch `step`: what a resume needs
         batch = next(iterator) if step < stop else None  # overlaps the device step

@@ -49,14 +49,13 @@ def main():
   from solq_jax import models  # pylint: disable=g-import-not-at-top
   from solq_jax import sharding  # pylint: disable=g-import-not-at-top
   from solq_jax.models.solq import SOLQ  # pylint: disable=g-import-not-at-top
-  from solq_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = solq_r50.get_config()
   model = models.build_model(config.model)
-  variables = init_lib.random_variables(model, jax.random.PRNGKey(0))
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
   params, buffers = variables['params'], variables['buffers']
   criterion = losses_lib.criterion_from_config(config.loss, masks.build_coder(config.model))
   batch = {k: jnp.asarray(v) for k, v in

@@ -50,14 +50,13 @@ def measure(config, devices, batch, side, runs):
   from solq_jax import masks  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
   from solq_jax import sharding  # pylint: disable=g-import-not-at-top
-  from solq_jax.training import init as init_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
   mesh = sharding.make_mesh(devices)
   model = models.build_model(config.model)
-  variables = jax.device_get(init_lib.random_variables(model, jax.random.PRNGKey(0)))
+  variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0)))
   tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)
   schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]

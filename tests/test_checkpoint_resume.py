@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import train_helpers
+from solq_jax.inference import evaluate
 from solq_jax.training import checkpoint as checkpoint_lib
 from solq_jax.training import loop
 
@@ -151,7 +152,8 @@ def test_foreign_truncated_and_mismatched_directories(reference, tmp_path):
 def test_loop_evaluation_reports_box_and_mask_ap(reference, tmp_path):
   _, ref_state = reference
   tr = train_helpers.trainer(8)
-  metrics = tr.evaluate(ref_state, tmp_path)
+  evaluation = evaluate.make_evaluation(tr.config, tr.model, tr.coder, tr.mesh, progress=False)
+  metrics = evaluation(ref_state.variables, tmp_path)
   for key in ('bbox/AP', 'segm/AP'):
     assert -1 <= metrics['summary'][key] <= 1
   assert metrics['num_images'] == tr.config.data.synthetic_val_images

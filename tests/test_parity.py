@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import parity_utils
-from solq_jax import convert
+from solq_jax.weights import convert
 from solq_jax.models import build_model
 
 FIXTURE = pathlib.Path(__file__).parent / 'data' / 'solq_r50_parity.npz'
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow   # one R50 compile + forward at 160x224: ~40-80 s
 @pytest.fixture(scope='module')
 def parity_run(r50_config):
   ref = dict(np.load(FIXTURE))
-  rules = convert.model_plan(r50_config)
+  rules = convert.model_plan(r50_config.model)
   shapes = {k: rule.shape for rule in rules for k in rule.keys}
   state_dict = parity_utils.make_state_dict(shapes)
   weights_sum = sum(np.abs(v.astype(np.float64)).sum() for k, v in state_dict.items()
@@ -40,8 +40,8 @@ def parity_run(r50_config):
   images, pad_mask = parity_utils.make_inputs()
   np.testing.assert_allclose(images.astype(np.float64).sum(), ref['check/images_sum'],
                              rtol=1e-12, err_msg='parity_utils inputs changed')
-  variables = convert.convert_state_dict(state_dict, r50_config)
-  model = build_model(r50_config)
+  variables = convert.convert_state_dict(state_dict, r50_config.model)
+  model = build_model(r50_config.model)
   outputs = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))(
       variables, images, pad_mask)
   return ref, parity_utils.select_outputs(jax.device_get(outputs))

@@ -136,40 +136,6 @@ def test_category_names(tmp_path):
     predict.load_category_names(str(tmp_path / 'nope.txt'))
 
 
-def test_bad_inputs(tiny_config, tmp_path):
+def test_bad_inputs(tmp_path):
   with pytest.raises(FileNotFoundError, match='missing.jpg'):
     predict.list_images([tmp_path / 'missing.jpg'])
-  with pytest.raises(FileNotFoundError, match='no_ckpt'):
-    predict.load_variables(tiny_config, str(tmp_path / 'no_ckpt'))
-  (tmp_path / 'weights.txt').write_text('x')
-  with pytest.raises(ValueError, match='weights.txt'):
-    predict.load_variables(tiny_config, str(tmp_path / 'weights.txt'))
-  (tmp_path / 'empty_dir').mkdir()
-  with pytest.raises(ValueError, match='empty_dir'):
-    predict.load_variables(tiny_config, str(tmp_path / 'empty_dir'))
-
-
-def test_restore_from_a_training_checkpoint(tiny_config, tmp_path, monkeypatch):
-  """A training run's orbax directory (saved replicated over 8 devices) -> params and buffers,
-  also when named by a relative path (as `eval.py --checkpoint runs/x/checkpoints`)."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from solq_jax.training import checkpoint as train_ckpt  # pylint: disable=g-import-not-at-top
-  from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  variables = {'params': {'head': {'kernel': np.arange(12, dtype=np.float32).reshape(3, 4)}},
-               'buffers': {'bn': {'mean': np.full(4, 0.5, np.float32)}}}
-  state = state_lib.create(variables, optax.adamw(1e-3), np.array([0, 1], np.uint32))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  checkpointer = train_ckpt.Checkpointer(tmp_path / 'run', tiny_config.model, async_save=False)
-  checkpointer.save(3, state, {'step': 3}, force=True)
-  checkpointer.close()
-  restored = predict.load_variables(tiny_config, str(tmp_path / 'run'))
-  assert jax.tree.structure(restored) == jax.tree.structure(variables)
-  jax.tree.map(np.testing.assert_array_equal, restored, variables)
-  monkeypatch.chdir(tmp_path)
-  relative = predict.load_variables(tiny_config, 'run')
-  jax.tree.map(np.testing.assert_array_equal, relative, variables)
-  other = tiny_config.copy_and_resolve_references()
-  other.model.nheads = 2                         # same parameter shapes, another model
-  with pytest.raises(ValueError, match='nheads'):
-    predict.load_variables(other, str(tmp_path / 'run'))

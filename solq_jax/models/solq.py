@@ -139,18 +139,14 @@ class SOLQ(nn.Module):
 
 
 def init_variables(model, rng, image_size=(64, 64), batch_size=1):
-  """`model.init` on a small dummy batch, compiled with XLA's cheapest optimisation level.
+  """`{'params', 'buffers'}` of `model.init` on a small dummy batch: the one random
+  initialiser (training's step 0, and inference without a checkpoint).
 
-  The variables do not depend on the image size, and initialisation runs once, so this gives
-  the same values as `model.init(rng, images, pad_mask)` at any size while compiling several
-  times faster (the random initialisers dominate the compile time of a full `jit(init)`).
+  The variables do not depend on the image size, so a small one keeps initialisation cheap.
   """
   images = jnp.zeros((batch_size,) + tuple(image_size) + (3,), jnp.float32)
   pad_mask = jnp.zeros((batch_size,) + tuple(image_size), bool)
-  compiled = jax.jit(model.init).lower(rng, images, pad_mask).compile(
-      compiler_options={'xla_backend_optimization_level': 0,
-                        'xla_llvm_disable_expensive_passes': True})
-  return compiled(rng, images, pad_mask)
+  return jax.jit(model.init)(rng, images, pad_mask)
 
 
 def count_params(params) -> int:

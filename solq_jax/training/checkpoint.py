@@ -11,15 +11,17 @@ step without our three items, a different model config, unreadable arrays) raise
 `CheckpointError` naming the path: a run never silently restarts from scratch.
 """
 import base64
-import json
 import os
 import pathlib
 from typing import Any, Optional, Tuple
 
 import orbax.checkpoint as ocp
 
-FORMAT = 'solq-jax-train-v1'
-ITEMS = ('state', 'data', 'meta')
+from solq_jax.weights import store
+
+# The on-disk layout is shared with the read-only reader of `solq_jax.weights.store`.
+FORMAT = store.TRAIN_FORMAT
+ITEMS = store.TRAIN_ITEMS
 
 
 class CheckpointError(RuntimeError):
@@ -49,8 +51,7 @@ class Checkpointer:
   def __init__(self, directory, model_config, *, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
-    self.model_config = json.loads(model_config.to_json()) if hasattr(
-        model_config, 'to_json') else dict(model_config)
+    self.model_config = store.model_config_dict(model_config)
     self._check_foreign()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
@@ -102,12 +103,11 @@ class Checkpointer:
       raise CheckpointError(f'cannot read the metadata of checkpoint {path}: {e}') from e
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
       raise CheckpointError(f'{path} is not a solq-jax train checkpoint (meta: {meta!r:.200})')
-    if meta.get('model') != self.model_config:
-      diff = sorted(k for k in set(meta.get('model', {})) | set(self.model_config)
-                    if meta.get('model', {}).get(k) != self.model_config.get(k))
-      raise CheckpointError(
-          f'checkpoint {path} was written for another model config (fields differ: {diff}); '
-          'use another --workdir or the same model config')
+    try:   # a resumed run continues only under the very same model config
+      store.check_model_config(meta.get('model'), self.model_config, f'checkpoint {path}',
+                               fields=None)
+    except store.ModelConfigMismatch as e:
+      raise CheckpointError(f'{e}; use another --workdir or the same model config') from None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

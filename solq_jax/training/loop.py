@@ -20,9 +20,9 @@ from solq_jax import losses
 from solq_jax import masks
 from solq_jax import models
 from solq_jax import sharding
+from solq_jax import weights
 from solq_jax.training import checkpoint as checkpoint_lib
 from solq_jax.training import distributed
-from solq_jax.training import init as init_lib
 from solq_jax.training import metrics as metrics_lib
 from solq_jax.training import optimizer as optimizer_lib
 from solq_jax.training import state as state_lib
@@ -71,7 +71,7 @@ class Trainer:
     """Step-0 state (random, pretrained backbone or init checkpoint), replicated on the mesh."""
     if self._variables is None:  # computed once, kept on the host (states are donated)
       self._variables = jax.device_get(
-          init_lib.initial_variables(self.config, self.model, self.init_key))
+          weights.initial_variables(self.config.model, self.model, self.init_key))
     if self.tx is None:
       self.tx = optimizer_lib.build_optimizer(
           self.config.train, self._variables['params'], self.steps_per_epoch,

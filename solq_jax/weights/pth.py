@@ -1,16 +1,11 @@
-"""Reading PyTorch `.pth` files and saving/restoring converted variables with orbax.
+"""Reading PyTorch `.pth` files without torch.
 
 `read_state_dict` returns a flat `{torch key: numpy array}` dict from a `.pth` file. It reads
 the zip format of `torch.save` (torch >= 1.6) with plain `zipfile` and a restricted unpickler,
 so torch is not needed; with `reader='torch'` (or `'auto'` when torch is importable) torch
 itself reads the file, which also covers the legacy (pre-zip) format.
-
-`save_variables` / `load_variables` store a `{'params', 'buffers'}` tree as an orbax checkpoint
-in a directory together with a small `solq_jax.json` marker holding the model config, so a
-restore can tell a converted solq-jax checkpoint from a foreign or unfinished directory.
 """
 import collections
-import json
 import os
 import pickle
 import zipfile
@@ -19,15 +14,6 @@ import numpy as np
 
 TORCH_EXTRA_HINT = ("install torch with `pip install 'solq-jax[torch]'` "
                     "(or `pip install torch`)")
-MARKER_FILE = 'solq_jax.json'
-VARIABLES_SUBDIR = 'variables'
-FORMAT_NAME = 'solq-jax-variables'
-FORMAT_VERSION = 1
-# Model-config fields that decide the shapes of the variables.
-ARCHITECTURE_FIELDS = (
-    'backbone', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward',
-    'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points', 'dec_n_points',
-    'with_box_refine', 'vector_hidden_dim', 'num_coeffs')
 
 # torch storage class names and dtype names -> numpy dtypes ('bfloat16' handled apart).
 _STORAGE_DTYPES = {
@@ -243,64 +229,3 @@ def read_state_dict(path: str, reader: str = 'auto') -> dict:
     raise ValueError(f'{path} holds neither a state dict nor {{"model": state_dict}} '
                      f'(top level: {found})')
   return dict(obj)
-
-
-def _arch(model_config) -> dict:
-  return {k: model_config[k] for k in ARCHITECTURE_FIELDS if k in model_config}
-
-
-def save_variables(directory: str, variables: dict, config) -> str:
-  """Writes `variables` (`{'params', 'buffers'}`) as an orbax checkpoint in a new `directory`.
-
-  The marker file is written last, so an interrupted save is recognised as incomplete.
-  Returns the absolute directory.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory):
-    raise FileExistsError(f'output directory {directory} exists and is not empty')
-  os.makedirs(directory, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, VARIABLES_SUBDIR), variables)
-  checkpointer.wait_until_finished()
-  meta = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'model': _arch(config.model)}
-  with open(os.path.join(directory, MARKER_FILE), 'w') as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  return directory
-
-
-def load_variables(directory: str, config=None) -> dict:
-  """Restores variables written by `save_variables` (numpy leaves).
-
-  With `config`, also checks that the checkpoint's architecture fields equal `config.model`'s
-  and raises naming the fields that differ.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'checkpoint directory not found: {directory}')
-  marker = os.path.join(directory, MARKER_FILE)
-  if not os.path.isfile(marker):
-    raise ValueError(f'{directory} is not a solq-jax variables checkpoint (no {MARKER_FILE}; '
-                     'it is foreign or its save did not finish). Convert official weights with '
-                     '`python -m solq_jax.convert --checkpoint X.pth --config ... --out DIR`.')
-  try:
-    with open(marker) as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f'{marker} is unreadable ({e})') from e
-  if meta.get('format') != FORMAT_NAME:
-    raise ValueError(f'{marker} names format {meta.get("format")!r}, not {FORMAT_NAME!r}')
-  if config is not None:
-    want = _arch(config.model)
-    diff = {k: (meta['model'].get(k), v) for k, v in want.items() if meta['model'].get(k) != v}
-    if diff:
-      raise ValueError(f'checkpoint {directory} was converted for another model config; '
-                       f'(checkpoint, config) differ in {diff}')
-  try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, VARIABLES_SUBDIR))
-  except Exception as e:  # orbax raises several types for missing/corrupt files.
-    raise ValueError(f'cannot restore {directory}: truncated or corrupt checkpoint '
-                     f'({type(e).__name__}: {e})') from e
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(np.asarray, restored)

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from solq_jax import checkpoint_io
-from solq_jax import convert
+from solq_jax.weights import convert
+from solq_jax.weights import pth as pth_reader
+from solq_jax.weights import store
 from solq_jax.models import build_model
 
 DATA = pathlib.Path(__file__).parent / 'data'
@@ -54,7 +55,7 @@ def _plan_state_dict(config, seed=0):
   """Random state dict with the plan's keys for any config (aliases equal)."""
   rng = np.random.default_rng(seed)
   sd = {}
-  for rule in convert.model_plan(config):
+  for rule in convert.model_plan(config.model):
     value = rng.standard_normal(rule.shape).astype(np.float32)
     sd.update({k: value for k in rule.keys})
   return sd
@@ -67,7 +68,7 @@ def _shape_tree(config):
   """The model's variable shapes (traced once per config)."""
   key = config.model.to_json()
   if key not in _SHAPE_TREES:
-    model = build_model(config)
+    model = build_model(config.model)
     _SHAPE_TREES[key] = jax.eval_shape(model.init, jax.random.key(0),
                                        jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
   return _SHAPE_TREES[key]
@@ -90,15 +91,15 @@ def r50_state_dict(spec):
 
 @pytest.fixture(scope='module')
 def r50_variables(r50_state_dict, r50_config):
-  return convert.convert_state_dict(r50_state_dict, r50_config)
+  return convert.convert_state_dict(r50_state_dict, r50_config.model)
 
 
 def test_spec_has_633_keys_matching_the_plan(spec, r50_config):
   assert len(spec) == 633
-  plan = {k: rule.shape for rule in convert.model_plan(r50_config) for k in rule.keys}
+  plan = {k: rule.shape for rule in convert.model_plan(r50_config.model) for k in rule.keys}
   assert plan == {k: shape for k, (shape, _) in spec.items()}
   # Every alias pair listed in the spec is one rule of the plan.
-  rule_of = {k: i for i, rule in enumerate(convert.model_plan(r50_config)) for k in rule.keys}
+  rule_of = {k: i for i, rule in enumerate(convert.model_plan(r50_config.model)) for k in rule.keys}
   for key, (_, aliases) in spec.items():
     assert all(rule_of[a] == rule_of[key] for a in aliases), key
 
@@ -167,7 +168,7 @@ def test_ignored_keys_and_dtypes(r50_state_dict, r50_config):
   sd['total_params'] = np.zeros(1)
   sd['backbone.0.body.total_ops'] = np.zeros(1)
   sd['backbone.0.body.bn1.num_batches_tracked'] = np.zeros((), np.int64)
-  variables = convert.convert_state_dict(sd, r50_config)
+  variables = convert.convert_state_dict(sd, r50_config.model)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(variables))
 
 
@@ -191,7 +192,7 @@ def test_bad_state_dicts_raise_naming_the_key(r50_state_dict, r50_config, edit, 
   sd = dict(r50_state_dict)
   edit(sd)
   with pytest.raises(convert.StateDictError) as e:
-    convert.convert_state_dict(sd, r50_config)
+    convert.convert_state_dict(sd, r50_config.model)
   for name in names:
     assert name in str(e.value)
 
@@ -204,7 +205,7 @@ def test_other_configs_convert_to_their_model_tree(backbone, levels, refine):
   config.model.backbone = backbone
   config.model.num_feature_levels = levels
   config.model.with_box_refine = refine
-  variables = convert.convert_state_dict(_plan_state_dict(config), config)
+  variables = convert.convert_state_dict(_plan_state_dict(config), config.model)
   assert _paths(variables) == _paths(_shape_tree(config))
 
 
@@ -213,13 +214,13 @@ def test_wrong_depth_key_is_unknown(tiny_config):
     # An R50-style key is unknown to the R18 config.
     sd = _plan_state_dict(tiny_config)
     sd['backbone.0.body.layer1.0.conv3.weight'] = np.zeros((64, 64, 1, 1), np.float32)
-    convert.convert_state_dict(sd, tiny_config)
+    convert.convert_state_dict(sd, tiny_config.model)
 
 
 def _torchvision_state_dict(config, seed=0):
   rng = np.random.default_rng(seed)
   sd = {}
-  for rule in convert.backbone_plan(config):
+  for rule in convert.backbone_plan(config.model):
     sd[rule.keys[0]] = rng.standard_normal(rule.shape).astype(np.float32)
     if rule.keys[0].endswith('running_var'):
       sd[rule.keys[0].replace('running_var', 'num_batches_tracked')] = np.array(0)
@@ -233,7 +234,7 @@ def test_torchvision_resnet50(r50_config, r50_variables):
   # 53 convs + 53 FrozenBN x 4 (+ fc and num_batches_tracked, both ignored).
   assert len([k for k in sd if not k.startswith('fc.') and 'num_batches' not in k]) == 265
   assert 'layer1.0.downsample.0.weight' in sd and 'layer4.2.bn3.running_var' in sd
-  backbone = convert.convert_torchvision_resnet(sd, r50_config)
+  backbone = convert.convert_torchvision_resnet(sd, r50_config.model)
   model_tree = _paths(_shape_tree(r50_config))
   got = _paths(backbone)
   assert got == {k: v for k, v in model_tree.items() if k.startswith(("['params']['backbone']",
@@ -248,7 +249,7 @@ def test_torchvision_resnet50(r50_config, r50_variables):
   assert merged['params']['transformer'] is r50_variables['params']['transformer']
   del sd['layer3.5.bn2.bias']
   with pytest.raises(convert.StateDictError, match=r'layer3\.5\.bn2\.bias'):
-    convert.convert_torchvision_resnet(sd, r50_config)
+    convert.convert_torchvision_resnet(sd, r50_config.model)
 
 
 # --- .pth reading (fixture written by torch 2.14.1; values below) ---------------------------
@@ -272,7 +273,7 @@ def _expected_tiny_state_dict():
 
 @pytest.mark.parametrize('name', ['tiny_torch_checkpoint.pth', 'tiny_torch_state_dict.pth'])
 def test_zip_reader_without_torch(name):
-  sd = checkpoint_io.read_state_dict(str(DATA / name), reader='zip')
+  sd = pth_reader.read_state_dict(str(DATA / name), reader='zip')
   expected = _expected_tiny_state_dict()
   assert list(sd) == list(expected)
   for key, value in expected.items():
@@ -283,16 +284,16 @@ def test_zip_reader_without_torch(name):
 
 def test_bad_pth_files(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.pth'):
-    checkpoint_io.read_state_dict(str(tmp_path / 'nope.pth'), reader='zip')
+    pth_reader.read_state_dict(str(tmp_path / 'nope.pth'), reader='zip')
   raw = (DATA / 'tiny_torch_checkpoint.pth').read_bytes()
   truncated = tmp_path / 'truncated.pth'
   truncated.write_bytes(raw[:len(raw) // 2])
   with pytest.raises(ValueError, match='truncated.pth'):
-    checkpoint_io.read_state_dict(str(truncated), reader='zip')
+    pth_reader.read_state_dict(str(truncated), reader='zip')
   legacy = tmp_path / 'legacy.pth'
   legacy.write_bytes(b'\x80\x02not a zip archive')
   with pytest.raises(ValueError, match=r"legacy\.pth.*solq-jax\[torch\]"):
-    checkpoint_io.read_state_dict(str(legacy), reader='zip')
+    pth_reader.read_state_dict(str(legacy), reader='zip')
 
 
 def test_torch_reader_without_torch_says_how_to_install(monkeypatch):
@@ -303,7 +304,7 @@ def test_torch_reader_without_torch_says_how_to_install(monkeypatch):
   # 'auto' falls back to the built-in reader, which then reports the mismatch by key name.
   with pytest.raises(convert.StateDictError, match='unknown key.*f32'):
     convert.load_official_checkpoint(str(DATA / 'tiny_torch_checkpoint.pth'),
-                                     _tiny_config(), reader='auto')
+                                     _tiny_config().model, reader='auto')
 
 
 def _tiny_config():
@@ -322,35 +323,35 @@ def test_command_line_writes_a_restorable_checkpoint(tmp_path, monkeypatch, tiny
                                                      tiny_state_dict):
   pth = tmp_path / 'solq_tiny.pth'
   pth.write_bytes(b'placeholder')
-  monkeypatch.setattr(checkpoint_io, 'read_state_dict',
+  monkeypatch.setattr(pth_reader, 'read_state_dict',
                       lambda path, reader: tiny_state_dict if path == str(pth) else None)
   config_file = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
   out = tmp_path / 'converted'
   convert.main(['--checkpoint', str(pth), '--config', str(config_file), '--out', str(out),
                 '--config.model.dropout=0.0'])
-  restored = convert.load_variables(str(out), tiny_config)
-  expected = convert.convert_state_dict(tiny_state_dict, tiny_config)
+  restored = store.load_converted(str(out), tiny_config.model)
+  expected = convert.convert_state_dict(tiny_state_dict, tiny_config.model)
   assert _paths(restored) == _paths(expected)
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
   with pytest.raises(FileExistsError, match='converted'):
-    convert.save_variables(str(out), expected, tiny_config)
+    store.save_converted(str(out), expected, tiny_config.model)
 
 
 def test_restore_errors(tmp_path, tiny_config, tiny_state_dict):
-  variables = convert.convert_state_dict(tiny_state_dict, tiny_config)
+  variables = convert.convert_state_dict(tiny_state_dict, tiny_config.model)
   with pytest.raises(FileNotFoundError, match='missing_dir'):
-    convert.load_variables(str(tmp_path / 'missing_dir'))
+    store.load_converted(str(tmp_path / 'missing_dir'))
   foreign = tmp_path / 'foreign'
   foreign.mkdir()
   (foreign / 'weights.bin').write_bytes(b'xyz')
   with pytest.raises(ValueError, match='not a solq-jax variables checkpoint'):
-    convert.load_variables(str(foreign))
+    store.load_converted(str(foreign))
   good = tmp_path / 'good'
-  convert.save_variables(str(good), variables, tiny_config)
+  store.save_converted(str(good), variables, tiny_config.model)
   other = _tiny_config()
   other.model.hidden_dim = 96
   with pytest.raises(ValueError, match='hidden_dim'):
-    convert.load_variables(str(good), other)
+    store.load_converted(str(good), other.model)
   truncated = tmp_path / 'truncated'
   shutil.copytree(good, truncated)
   data_files = [os.path.join(d, f) for d, _, fs in os.walk(truncated / 'variables') for f in fs
@@ -360,4 +361,4 @@ def test_restore_errors(tmp_path, tiny_config, tiny_state_dict):
     with open(f, 'r+b') as fh:
       fh.truncate(os.path.getsize(f) // 3)
   with pytest.raises(ValueError, match='truncated or corrupt'):
-    convert.load_variables(str(truncated))
+    store.load_converted(str(truncated))

@@ -8,17 +8,21 @@ weight/bias/running_mean/running_var -> buffers scale/bias/mean/var. Keys that a
 module (`transformer.decoder.bbox_embed.*` = `bbox_embed.*`, the shared `vector_embed.i.*`)
 must all be present and equal.
 
-Command line (writes an orbax checkpoint that training and eval restore):
-  python -m solq_jax.convert --checkpoint X.pth --config configs/solq_r50.py --out DIR
-  python -m solq_jax.convert --torchvision --checkpoint resnet50.pth --config ... --out DIR
+Every function takes the `model` config section (`config.model`).
+
+Command line (writes a converted directory that training, eval.py and predict.py restore):
+  python -m solq_jax.weights --checkpoint X.pth --config configs/solq_r50.py --out DIR
+  python -m solq_jax.weights --torchvision --checkpoint resnet50.pth --config ... --out DIR
 """
 import dataclasses
 from typing import Callable
 
 import numpy as np
 
-from solq_jax import checkpoint_io
-from solq_jax.models.backbone import RESNET_LAYOUTS as RESNET_LAYOUT
+from solq_jax.models import backbone as backbone_lib
+from solq_jax.weights import pth
+from solq_jax.weights import store
+
 IGNORED_SUFFIXES = ('total_params', 'total_ops', 'num_batches_tracked')
 OFFICIAL_BACKBONE_PREFIX = 'backbone.0.body.'
 
@@ -35,15 +39,16 @@ class Rule:
   targets: tuple         # ((collection, *path), layout function) pairs
 
 
-def _t(x):
+def _linear_to_kernel(x):
+  """torch Linear `[out, in]` -> Flax Dense kernel `[in, out]`."""
   return x.T
 
 
-def _conv(x):
+def _oihw_to_hwio(x):
   return x.transpose(2, 3, 1, 0)
 
 
-def _same(x):
+def _identity(x):
   return x
 
 
@@ -67,20 +72,21 @@ class _Plan:
 
   def linear(self, keys, flax, n_out, n_in):
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
-    self.add([k + '.weight' for k in keys], (n_out, n_in), (f'params/{flax}/kernel', _t))
-    self.add([k + '.bias' for k in keys], (n_out,), (f'params/{flax}/bias', _same))
+    self.add([k + '.weight' for k in keys], (n_out, n_in),
+             (f'params/{flax}/kernel', _linear_to_kernel))
+    self.add([k + '.bias' for k in keys], (n_out,), (f'params/{flax}/bias', _identity))
 
   def norm(self, key, flax, n):
-    self.add(key + '.weight', (n,), (f'params/{flax}/scale', _same))
-    self.add(key + '.bias', (n,), (f'params/{flax}/bias', _same))
+    self.add(key + '.weight', (n,), (f'params/{flax}/scale', _identity))
+    self.add(key + '.bias', (n,), (f'params/{flax}/bias', _identity))
 
   def conv(self, key, flax, shape_oihw):
-    self.add(key, shape_oihw, (f'params/{flax}/kernel', _conv))
+    self.add(key, shape_oihw, (f'params/{flax}/kernel', _oihw_to_hwio))
 
   def frozen_bn(self, key, flax, n):
     for torch_name, flax_name in (('weight', 'scale'), ('bias', 'bias'),
                                   ('running_mean', 'mean'), ('running_var', 'var')):
-      self.add(f'{key}.{torch_name}', (n,), (f'buffers/{flax}/{flax_name}', _same))
+      self.add(f'{key}.{torch_name}', (n,), (f'buffers/{flax}/{flax_name}', _identity))
 
   def mlp(self, keys, flax, dims):
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
@@ -88,21 +94,8 @@ class _Plan:
       self.linear([f'{k}.layers.{j}' for k in keys], f'{flax}/layers_{j}', n_out, n_in)
 
 
-def backbone_channels(backbone: str) -> tuple:
-  """Channels of the layer2, layer3 and layer4 outputs."""
-  kind, _ = _resnet(backbone)
-  expansion = 4 if kind == 'bottleneck' else 1
-  return tuple(w * expansion for w in (128, 256, 512))
-
-
-def _resnet(backbone: str):
-  if backbone not in RESNET_LAYOUT:
-    raise ValueError(f'config.model.backbone={backbone!r} is not one of {sorted(RESNET_LAYOUT)}')
-  return RESNET_LAYOUT[backbone]
-
-
 def _add_backbone(plan: _Plan, backbone: str, prefix: str):
-  kind, blocks = _resnet(backbone)
+  kind, blocks = backbone_lib.resnet_layout(backbone)
   expansion = 4 if kind == 'bottleneck' else 1
   plan.conv(f'{prefix}conv1.weight', 'backbone/conv1', (64, 3, 7, 7))
   plan.frozen_bn(f'{prefix}bn1', 'backbone/bn1', 64)
@@ -138,13 +131,13 @@ def _add_ffn(plan: _Plan, t: str, f: str, m):
   plan.linear(f'{t}.linear2', f'{f}/linear2', m.hidden_dim, m.dim_feedforward)
 
 
-def model_plan(config) -> list:
-  """The rules for a whole official SOLQ state dict of `config` (meta_arch solq, with_vector)."""
-  m = config.model
+def model_plan(model_config) -> list:
+  """The rules for a whole official SOLQ state dict (meta_arch solq, with_vector)."""
+  m = model_config
   d, n_dec = m.hidden_dim, m.dec_layers
   plan = _Plan()
   _add_backbone(plan, m.backbone, OFFICIAL_BACKBONE_PREFIX)
-  channels = backbone_channels(m.backbone)
+  channels = backbone_lib.backbone_channels(m.backbone)
   # One level: a 1x1 projection of layer4. Otherwise 1x1 projections of layer2..4, then 3x3
   # stride-2 extra levels (the first from the raw layer4 output, later ones from hidden_dim).
   if m.num_feature_levels == 1:
@@ -155,10 +148,11 @@ def model_plan(config) -> list:
     k = 1 if level < min(3, len(in_chs)) else 3
     plan.conv(f'input_proj.{level}.0.weight', f'input_proj_{level}/conv',
               (d, in_chs[level], k, k))
-    plan.add(f'input_proj.{level}.0.bias', (d,), (f'params/input_proj_{level}/conv/bias', _same))
+    plan.add(f'input_proj.{level}.0.bias', (d,),
+             (f'params/input_proj_{level}/conv/bias', _identity))
     plan.norm(f'input_proj.{level}.1', f'input_proj_{level}/norm', d)
   plan.add('transformer.level_embed', (m.num_feature_levels, d),
-           ('params/transformer/level_embed', _same))
+           ('params/transformer/level_embed', _identity))
   plan.linear('transformer.reference_points', 'transformer/reference_points', 2, d)
   for i in range(m.enc_layers):
     t, f = f'transformer.encoder.layers.{i}', f'transformer/encoder/layers_{i}'
@@ -171,9 +165,11 @@ def model_plan(config) -> list:
     _add_msda(plan, f'{t}.cross_attn', f'{f}/cross_attn', m, m.dec_n_points)
     qkv = ('query', 'key', 'value')
     plan.add(f'{t}.self_attn.in_proj_weight', (3 * d, d),
-             *[(f'params/{f}/self_attn/{n}/kernel', _third(j, _t)) for j, n in enumerate(qkv)])
+             *[(f'params/{f}/self_attn/{n}/kernel', _third(j, _linear_to_kernel))
+               for j, n in enumerate(qkv)])
     plan.add(f'{t}.self_attn.in_proj_bias', (3 * d,),
-             *[(f'params/{f}/self_attn/{n}/bias', _third(j, _same)) for j, n in enumerate(qkv)])
+             *[(f'params/{f}/self_attn/{n}/bias', _third(j, _identity))
+               for j, n in enumerate(qkv)])
     plan.linear(f'{t}.self_attn.out_proj', f'{f}/self_attn/out', d, d)
     for n in (1, 2, 3):
       plan.norm(f'{t}.norm{n}', f'{f}/norm{n}', d)
@@ -188,14 +184,15 @@ def model_plan(config) -> list:
     plan.mlp([f'bbox_embed.{i}' for i in range(n_dec)], 'bbox_embed_0', (d, d, d, 4))
   plan.mlp([f'vector_embed.{i}' for i in range(n_dec)], 'vector_embed',
            (d, m.vector_hidden_dim, m.vector_hidden_dim, m.num_coeffs))
-  plan.add('query_embed.weight', (m.num_queries, 2 * d), ('params/query_embed/embedding', _same))
+  plan.add('query_embed.weight', (m.num_queries, 2 * d),
+           ('params/query_embed/embedding', _identity))
   return plan.rules
 
 
-def backbone_plan(config, prefix: str = '') -> list:
-  """The rules for the ResNet body of `config` with torch keys under `prefix`."""
+def backbone_plan(model_config, prefix: str = '') -> list:
+  """The rules for the ResNet body with torch keys under `prefix`."""
   plan = _Plan()
-  _add_backbone(plan, config.model.backbone, prefix)
+  _add_backbone(plan, model_config.backbone, prefix)
   return plan.rules
 
 
@@ -247,28 +244,28 @@ def apply_rules(state_dict: dict, rules: list, ignore=lambda key: False) -> dict
   return variables
 
 
-def convert_state_dict(state_dict: dict, config) -> dict:
-  """Official SOLQ state dict (`{key: numpy array}`) -> `{'params', 'buffers'}` of `config`."""
-  return apply_rules(state_dict, model_plan(config))
+def convert_state_dict(state_dict: dict, model_config) -> dict:
+  """Official SOLQ state dict (`{key: numpy array}`) -> `{'params', 'buffers'}`."""
+  return apply_rules(state_dict, model_plan(model_config))
 
 
-def convert_torchvision_resnet(state_dict: dict, config) -> dict:
+def convert_torchvision_resnet(state_dict: dict, model_config) -> dict:
   """torchvision ResNet state dict -> the backbone part (`params/backbone`, `buffers/backbone`).
 
   `fc.*` (the ImageNet classifier) is ignored; `num_batches_tracked` is dropped.
   """
-  return apply_rules(state_dict, backbone_plan(config),
+  return apply_rules(state_dict, backbone_plan(model_config),
                      ignore=lambda k: k.startswith('fc.'))
 
 
-def load_official_checkpoint(path: str, config, reader: str = 'auto') -> dict:
-  """Reads an official SOLQ `.pth` and converts it (see `checkpoint_io.read_state_dict`)."""
-  return convert_state_dict(checkpoint_io.read_state_dict(path, reader), config)
+def load_official_checkpoint(path: str, model_config, reader: str = 'auto') -> dict:
+  """Reads an official SOLQ `.pth` and converts it (see `pth.read_state_dict`)."""
+  return convert_state_dict(pth.read_state_dict(path, reader), model_config)
 
 
-def load_torchvision_resnet(path: str, config, reader: str = 'auto') -> dict:
+def load_torchvision_resnet(path: str, model_config, reader: str = 'auto') -> dict:
   """Reads torchvision ImageNet ResNet weights (`.pth`) into the backbone variables."""
-  return convert_torchvision_resnet(checkpoint_io.read_state_dict(path, reader), config)
+  return convert_torchvision_resnet(pth.read_state_dict(path, reader), model_config)
 
 
 def merge_backbone(variables: dict, backbone_variables: dict) -> dict:
@@ -280,19 +277,15 @@ def merge_backbone(variables: dict, backbone_variables: dict) -> dict:
   return out
 
 
-save_variables = checkpoint_io.save_variables
-load_variables = checkpoint_io.load_variables
-
-
 def main(argv=None):
-  """`python -m solq_jax.convert`: convert a `.pth` and write an orbax checkpoint.
+  """`python -m solq_jax.weights`: convert a `.pth` into a converted directory.
 
   Flags live in a private FlagValues, so importing this module registers no global flags.
   """
   import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['solq_jax.convert'] + list(sys.argv[1:] if argv is None else argv)
+  argv = ['solq_jax.weights'] + list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
       'config', None, 'config file with get_config(); --config.model.X=... overrides',
@@ -310,8 +303,8 @@ def main(argv=None):
   fv(argv)
   config = config_flag.value
   load = load_torchvision_resnet if torchvision.value else load_official_checkpoint
-  variables = load(checkpoint.value, config, reader.value)
-  directory = save_variables(out.value, variables, config)
+  variables = load(checkpoint.value, config.model, reader.value)
+  directory = store.save_converted(out.value, variables, config.model)
   n = sum(np.size(v) for v in __import__('jax').tree.leaves(variables['params']))
   print(f'wrote {directory}: {n:,} parameters')
 

@@ -184,7 +184,7 @@ def test_oracle_on_coco_val158(coco_val158, r50_config, tmp_path):
 
   def forward(variables, images, pad_mask):     # the "model": replays the oracle outputs
     assert images.shape[0] == ORACLE_BATCH and variables == {}
-    assert dict(jax.sharding.get_abstract_mesh().shape) == {'data': ORACLE_BATCH}  # per shard
+    assert dict(jax.sharding.get_abstract_mesh().shape) == {sharding.AXIS: ORACLE_BATCH}  # per shard
     return queue.pop(0)
 
   postprocessor = pp.Postprocessor.from_config(r50_config.eval, coder)

@@ -164,6 +164,10 @@ def eval_config() -> ml_collections.ConfigDict:
       paste_size_multiple=128,      # later sizes: canvas sides rounded up to this, then cropped
       score_threshold=0.3,          # predict: detections drawn in overlays
       names_file='',                # predict: names, dataset json or text ('' = COCO or shapes)
+      # solq_jax.inference.export: platforms lowered for, and the padded input size (H, W);
+      # () = the largest bucket side, square (holds every eval-resized image).
+      export_platforms='cpu,cuda',
+      export_hw=(),
   ))
 
 

@@ -87,7 +87,8 @@ def select_detections(pred_logits, pred_boxes, target_sizes, top_k):
   return scores, labels.astype(jnp.int32), boxes * scale[:, None, :], query_index.astype(jnp.int32)
 
 
-def _decode_selected(pred_vectors, query_index, coder):
+def decode_vectors(pred_vectors, query_index, coder):
+  """The coder's box masks `[B,K,S,S]` (bool) of the queries `query_index [B,K]`."""
   vectors = jnp.take_along_axis(pred_vectors, query_index[..., None], axis=1)
   batch, k, num_coeffs = vectors.shape
   decoded = coder.decode(vectors.reshape(batch * k, num_coeffs).astype(jnp.float32))
@@ -127,7 +128,7 @@ class Postprocessor:
     self.with_masks = with_masks
     self.size_multiple = size_multiple
     self.max_exact_sizes = max_exact_sizes
-    self._decode = jax.jit(functools.partial(_decode_selected, coder=coder))
+    self._decode = jax.jit(functools.partial(decode_vectors, coder=coder))
     self._exact_sizes = set()   # image sizes pasted on an exact canvas so far
 
   @classmethod

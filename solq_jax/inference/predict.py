@@ -18,6 +18,7 @@ from solq_jax.data import coco as coco_data
 from solq_jax.data import pipeline
 from solq_jax.data import synthetic
 from solq_jax.data import transforms
+from solq_jax.inference import export as export_lib
 from solq_jax.inference import postprocess as postprocess_lib
 from solq_jax.inference import visualize
 
@@ -72,16 +73,20 @@ def list_images(inputs):
   return files
 
 
-def prepare_image(image, data_config):
+def prepare_image(image, data_config, padded_hw=None):
   """PIL RGB -> (normalised `[1,H',W',3]`, pad mask `[1,H',W']`) with the eval resize and a
-  bucketed padding (the input pipeline's buckets, so few shapes compile)."""
+  bucketed padding (the input pipeline's buckets, so few shapes compile), or padded to
+  `padded_hw` (an exported model's fixed size)."""
   hw = (image.height, image.width)
   ops, out_hw = transforms.plan_eval(hw, data_config)
   sample = dict(image=image, masks=np.zeros((0, *hw), bool), boxes=np.zeros((0, 4), np.float32),
                 labels=np.zeros((0,), np.int32))
   resized = transforms.apply_ops(sample, ops)['image']
-  padded = pipeline.bucket_shape([out_hw], pipeline.bucket_sizes(data_config),
-                                 data_config.bucket_multiple)
+  padded = padded_hw or pipeline.bucket_shape([out_hw], pipeline.bucket_sizes(data_config),
+                                              data_config.bucket_multiple)
+  if out_hw[0] > padded[0] or out_hw[1] > padded[1]:
+    raise ValueError(f'the eval-resized image is {out_hw}, larger than the padded input '
+                     f'{tuple(padded)}')
   images = np.zeros((1, *padded, 3), np.float32)
   pad_mask = np.ones((1, *padded), bool)
   images[0, :out_hw[0], :out_hw[1]] = transforms.normalize_image(resized)
@@ -107,23 +112,16 @@ def detections_record(detections, names, score_threshold):
   return out
 
 
-def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_boxes=True,
-        draw_labels=True):
-  """Predicts every image of `inputs`; writes `<out_dir>/<stem>.png` overlays and
-  `<out_dir>/detections.json`. Returns the json's content (a list, one entry per image; an
-  image that cannot be decoded is skipped with a logged error and an `error` entry).
+def category_names(config):
+  """`{category id: name}` of `config`: `eval.names_file`, else COCO's for a dataset, else the
+  generated dataset's shape names."""
+  if config.eval.names_file or config.data.root or config.data.source != 'coco':
+    return load_category_names(config.eval.names_file)
+  return {c['id']: c['name'] for c in synthetic.CATEGORIES}
 
-  `loaded`: an already loaded `(model, variables)` (then `checkpoint` is not read).
-  `coder`: the run's mask coder (default: built from `config.model`).
-  """
-  ec = config.eval
-  if ec.names_file or config.data.root or config.data.source != 'coco':
-    names = load_category_names(ec.names_file)
-  else:  # the config trains on the generated dataset: its shape names, not COCO's
-    names = {c['id']: c['name'] for c in synthetic.CATEGORIES}
-  files = list_images(inputs)
-  if not files:
-    raise ValueError(f'no input images in {list(inputs)}')
+
+def _model_detector(config, checkpoint, loaded, coder):
+  """`detect(image) -> detections` of a model (loaded here from `checkpoint` unless given)."""
   if loaded is None:
     model = models.build_model(config.model)
     variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
@@ -131,7 +129,53 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_bo
     model, variables = loaded
   forward = postprocess_lib.make_forward(model)
   postprocessor = postprocess_lib.Postprocessor.from_config(
-      ec, coder or masks_lib.build_coder(config.model))
+      config.eval, coder or masks_lib.build_coder(config.model))
+
+  def detect(image):
+    images, pad_mask = prepare_image(image, config.data)
+    return postprocessor(forward(variables, images, pad_mask), [[image.height, image.width]])[0]
+  return detect
+
+
+def _exported_detector(config, directory):
+  """(`detect(image) -> detections`, category names) of an exported directory
+  (`solq_jax.inference.export`)."""
+  exported = export_lib.ExportedModel(directory)
+  pasting = postprocess_lib.Postprocessor(None, size_multiple=config.eval.paste_size_multiple,
+                                          max_exact_sizes=config.eval.paste_exact_sizes)
+
+  def detect(image):
+    images, pad_mask = prepare_image(image, config.data, padded_hw=exported.hw)
+    out = {k: v[0] for k, v in exported(images, pad_mask).items()}
+    if not (np.isfinite(out['scores']).all() and np.isfinite(out['boxes']).all()):
+      raise postprocess_lib.NonFiniteOutputError('the exported model output is not finite')
+    h, w = image.height, image.width
+    boxes = out['boxes'] * np.array([w, h, w, h], np.float32)
+    return dict(scores=out['scores'], labels=out['labels'], boxes=boxes,
+                query_index=out['query_index'],
+                masks=pasting.paste_image_masks(out['masks'], boxes, (h, w)))
+  return detect, exported.class_names
+
+
+def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_boxes=True,
+        draw_labels=True):
+  """Predicts every image of `inputs`; writes `<out_dir>/<stem>.png` overlays and
+  `<out_dir>/detections.json`. Returns the json's content (a list, one entry per image; an
+  image that cannot be decoded is skipped with a logged error and an `error` entry).
+
+  `checkpoint`: anything `solq_jax.weights.load` takes, or an exported directory.
+  `loaded`: an already loaded `(model, variables)` (then `checkpoint` is not read).
+  `coder`: the run's mask coder (default: built from `config.model`).
+  """
+  ec = config.eval
+  files = list_images(inputs)
+  if not files:
+    raise ValueError(f'no input images in {list(inputs)}')
+  if loaded is None and export_lib.is_export_dir(checkpoint):
+    detect, names = _exported_detector(config, checkpoint)
+  else:
+    detect = _model_detector(config, checkpoint, loaded, coder)
+    names = category_names(config)
   os.makedirs(out_dir, exist_ok=True)
   records, used = [], set()
   for path in files:
@@ -142,10 +186,8 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_bo
       log.error('skipped: %s', e)
       records.append(dict(file=str(path), error=str(e)))
       continue
-    images, pad_mask = prepare_image(image, config.data)
-    outputs = forward(variables, images, pad_mask)
     try:
-      det = postprocessor(outputs, [[image.height, image.width]])[0]
+      det = detect(image)
     except postprocess_lib.NonFiniteOutputError as e:
       source = 'the given model' if loaded is not None else (
           f'checkpoint {checkpoint}' if checkpoint else 'random weights')

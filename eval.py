@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from solq_jax import sharding
 from solq_jax.inference import evaluate
+from solq_jax.training import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')
@@ -25,13 +26,17 @@ _NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'devices of the data mesh 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  config = _CONFIG.value
+  # Multi-process (as train.py: --config.train.distributed=True ...): each process evaluates
+  # its share of the split, process 0 scores them all.
+  distributed.initialize(config.train)
   checkpoint = _CHECKPOINT.value
   # Default: beside the checkpoint (never inside: a training checkpoint dir must stay clean).
   out_dir = _OUT_DIR.value or os.path.join(
       os.path.dirname(os.path.abspath(checkpoint.rstrip('/'))) if checkpoint else '.', 'eval')
   mesh = sharding.make_mesh(_NUM_DEVICES.value)
   logging.info('results and metrics go to %s', out_dir)
-  evaluate.run(_CONFIG.value, checkpoint, out_dir, mesh)
+  evaluate.run(config, checkpoint, out_dir, mesh)
 
 
 if __name__ == '__main__':

@@ -78,20 +78,33 @@ def under_mesh(mesh: Optional[Mesh], fn: Callable) -> Callable:
 
 
 def device_putter(mesh: Optional[Mesh]) -> Callable:
-  """Places host arrays of an evaluation batch on the mesh, split along `AXIS` (identity
-  without a mesh)."""
+  """Places this process's rows of an evaluation batch on the mesh, split along `AXIS`
+  (identity without a mesh); in a multi-process run the global batch is every process's rows."""
   if mesh is None:
     return lambda x: x
   sharding = batch_sharding(mesh)
   size = mesh.shape[AXIS]
 
   def put(x):
-    if x.shape[0] % size:
-      raise ValueError(f'eval batch of {x.shape[0]} images does not split over the {size} '
+    rows = x.shape[0] * jax.process_count()
+    if rows % size:
+      raise ValueError(f'eval batch of {rows} images does not split over the {size} '
                        f"devices of the '{AXIS}' mesh axis: set config.eval.batch_size to a "
                        'multiple')
-    return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
   return put
+
+
+def local_rows(x):
+  """This process's rows of a batch-sharded array, in batch order, as numpy (the array itself
+  when it is not a multi-process array)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return x
+  parts = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    parts.setdefault(start, shard.data)   # replicas of a row range hold the same values
+  return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
 
 
 def _axis_spec(axis: int) -> P:

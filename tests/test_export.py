@@ -27,6 +27,7 @@ def exported(tiny_config, tmp_path_factory):
   config = tiny_config.copy_and_resolve_references()
   config.data.eval_size, config.data.eval_max_size = 48, 64
   config.eval.export_hw = (64, 64)
+  config.data.bucket_sizes = (64,)      # the model path pads as the export does
   config.eval.top_k = 10
   config.eval.score_threshold = 0.0
   model = models.build_model(config.model)

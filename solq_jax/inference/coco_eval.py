@@ -180,6 +180,24 @@ class CocoEvaluator:
       self.save(out_dir, metrics)
     return metrics
 
+  def save_part(self, path):
+    """Writes this evaluator's detections (one process's share) for `load_part`."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({'image_ids': self.image_ids, 'results': self.results}, f)
+    os.replace(tmp, path)   # a reader never sees half a file
+
+  def load_part(self, path):
+    """Adds the detections another process wrote with `save_part`."""
+    with open(path) as f:
+      part = json.load(f)
+    overlap = set(part['image_ids']) & set(self.image_ids)
+    if overlap:
+      raise ValueError(f'{path}: images evaluated twice: {sorted(overlap)[:10]}')
+    self.image_ids.extend(part['image_ids'])
+    for t in self.iou_types:
+      self.results[t].extend(part['results'][t])
+
   def save(self, out_dir, metrics):
     os.makedirs(out_dir, exist_ok=True)
     for t in self.iou_types:

@@ -8,11 +8,14 @@ by COCOeval (`solq_jax.inference.coco_eval`).
 - `run`: `eval.py`.
 """
 import contextlib
-import logging
+import json
+import os
+import shutil
 import sys
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from solq_jax import data as data_lib
@@ -95,7 +98,8 @@ def evaluate(forward, variables, batches, coco_gt, postprocessor, *, max_images=
     variables = sharding.replicate(variables, mesh)
   max_images = int(max_images) or None
   total = len(evaluator.coco_gt.getImgIds())
-  bar = _Progress(min(total, max_images) if max_images else total, progress)
+  bar = _Progress(min(total, max_images) if max_images else total,
+                  progress and jax.process_index() == 0)
   clock = _Clock()
   shapes_seen, num_batches = set(), 0
   for batch in batches:
@@ -111,6 +115,7 @@ def evaluate(forward, variables, batches, coco_gt, postprocessor, *, max_images=
         sharding.mesh_context(mesh):
       outputs = jax.block_until_ready(
           forward(variables, put(batch['images']), put(batch['pad_mask'])))
+      outputs = {k: sharding.local_rows(v) for k, v in outputs.items()}
     with clock('postprocess'):
       dets = postprocessor(outputs, batch['orig_size'], keep=keep)
     with clock('encode'):
@@ -121,8 +126,14 @@ def evaluate(forward, variables, batches, coco_gt, postprocessor, *, max_images=
     shapes_seen.add(shape)
     bar.update(int(keep.sum()))
   bar.close()
+  if jax.process_count() > 1:
+    return _evaluate_on_main_process(evaluator, out_dir, clock, log)
   with clock('cocoeval'):
     metrics = evaluator.evaluate(out_dir=None, log=log)
+  return _finish(metrics, evaluator, out_dir, clock, num_batches, shapes_seen, log)
+
+
+def _finish(metrics, evaluator, out_dir, clock, num_batches, shapes_seen, log):
   busy = sum(clock.wall[k] for k in ('model', 'model_first_calls', 'postprocess', 'encode'))
   metrics['time'] = clock.wall
   metrics['cpu_time'] = clock.cpu
@@ -136,19 +147,43 @@ def evaluate(forward, variables, batches, coco_gt, postprocessor, *, max_images=
   return metrics
 
 
+def _evaluate_on_main_process(evaluator, out_dir, clock, log):
+  """Multi-process: every process writes its detections to `out_dir`; process 0 gathers them,
+  runs COCOeval once and writes the result files; every process returns its metrics."""
+  if not out_dir:
+    raise ValueError('a multi-process evaluation gathers detections through files: give it an '
+                     'output directory')
+  parts = os.path.join(out_dir, 'process_parts')
+  os.makedirs(parts, exist_ok=True)
+  evaluator.save_part(os.path.join(parts, f'{jax.process_index()}.json'))
+  multihost_utils.sync_global_devices('solq_jax evaluation: detections written')
+  metrics_file = os.path.join(out_dir, 'metrics.json')
+  if jax.process_index() == 0:
+    for index in range(1, jax.process_count()):
+      evaluator.load_part(os.path.join(parts, f'{index}.json'))
+    with clock('cocoeval'):
+      metrics = evaluator.evaluate(out_dir=None, log=log)
+    metrics['time'], metrics['cpu_time'] = clock.wall, clock.cpu
+    metrics['processes'] = jax.process_count()
+    evaluator.save(out_dir, metrics)
+  multihost_utils.sync_global_devices('solq_jax evaluation: metrics written')
+  if jax.process_index() == 0:
+    shutil.rmtree(parts, ignore_errors=True)
+    return metrics
+  with open(metrics_file) as f:
+    return json.load(f)
+
+
 def eval_batches(config, coder):
   """(batch iterator, ground truth) of `config.data`'s eval split.
 
   The ground truth is the annotations json path of a COCO source, or the in-memory pycocotools
   `COCO` object of a TFDS source (`TfdsSource.coco_gt`).
 
-  Single process: evaluation gathers every detection in this process (multi-host evaluation
-  would need the detections gathered across processes; not supported yet).
+  Each process reads its own rows of every global batch (the training's slicing); the filler
+  rows of the last batch (image id -1) are skipped by every process.
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError('evaluation runs in a single process (got '
-                              f'{jax.process_count()} processes)')
-  pipe = data_lib.eval_pipeline(config, coder, process_index=0, process_count=1)
+  pipe = data_lib.eval_pipeline(config, coder)
   return pipe.iterator(), getattr(pipe.source, 'coco_gt', None) or pipe.source.ann_file
 
 
@@ -156,16 +191,12 @@ def make_evaluation(config, model, coder, mesh=None, *, progress=True, log=print
   """`evaluation(variables, out_dir) -> metrics or None`: the periodic and final evaluation of a
   training run (what `Trainer.fit` takes). The forward and the post-processor are built once.
 
-  In a multi-process run it returns None with a warning (single-process evaluation only).
+  In a multi-process run every process evaluates its share and process 0 scores them all.
   """
   forward = postprocess_lib.make_forward(model)
   postprocessor = postprocess_lib.Postprocessor.from_config(config.eval, coder)
 
   def evaluation(variables, out_dir):
-    if jax.process_count() > 1:
-      logging.warning('evaluation is single-process only: skipped in this %d-process run; run '
-                      'eval.py on the checkpoint', jax.process_count())
-      return None
     batches, ground_truth = eval_batches(config, coder)
     return evaluate(forward, variables, batches, ground_truth, postprocessor,
                     max_images=config.eval.max_images, mesh=mesh, out_dir=str(out_dir),

@@ -24,12 +24,14 @@ FORMAT_NAME = 'solq-jax-variables'
 FORMAT_VERSION = 1
 TRAIN_FORMAT = 'solq-jax-train-v1'
 TRAIN_ITEMS = ('state', 'data', 'meta')
-# Model-config fields that decide the variables' shapes and meaning: loading variables for
-# inference or as a starting point compares these; resuming a training compares every field.
+# Model-config fields that decide the variables' shapes and meaning (a mask vector means
+# nothing under another coder or mask size): loading variables for inference or as a starting
+# point compares these; resuming a training compares every field.
 ARCHITECTURE_FIELDS = (
-    'backbone', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward',
-    'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points', 'dec_n_points',
-    'with_box_refine', 'vector_hidden_dim', 'num_coeffs')
+    'backbone', 'backbone_norm', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
+    'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
+    'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs', 'mask_coder',
+    'mask_size')
 
 
 class ModelConfigMismatch(ValueError):
@@ -52,7 +54,9 @@ def check_model_config(saved: dict, model_config, source, fields=ARCHITECTURE_FI
   (stored, config) values. `fields`: the fields compared (None: every field of either side)."""
   current = model_config_dict(model_config)
   saved = dict(saved or {})
-  names = set(saved) | set(current) if fields is None else set(fields)
+  # With `fields`, a field the record does not hold is not compared: directories converted
+  # before a field joined ARCHITECTURE_FIELDS stay loadable.
+  names = set(saved) | set(current) if fields is None else set(fields) & set(saved)
   diff = {k: (saved.get(k), current.get(k)) for k in sorted(names)
           if saved.get(k) != current.get(k)}
   if diff:

@@ -70,7 +70,7 @@ def main(argv):
   if not _STAGES.value:
     return
 
-  backbone = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone(x)))
+  backbone = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.body(x)))
   project = jax.jit(lambda v, f, p: model.apply(v, f, p, method=lambda m, f, p: m.project(f, p)))
   encode = jax.jit(lambda v, s, k, p: model.apply(
       v, s, k, p, method=lambda m, s, k, p: m.transformer.encode(s, k, p, False)))

@@ -17,7 +17,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,10 +44,9 @@ def main():
   args = parse()
   from configs import solq_r50  # pylint: disable=g-import-not-at-top
   from solq_jax import losses as losses_lib  # pylint: disable=g-import-not-at-top
-  from solq_jax import masks  # pylint: disable=g-import-not-at-top
+  from solq_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
   from solq_jax import sharding  # pylint: disable=g-import-not-at-top
-  from solq_jax.models.solq import SOLQ  # pylint: disable=g-import-not-at-top
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -57,7 +55,7 @@ def main():
   model = models.build_model(config.model)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   params, buffers = variables['params'], variables['buffers']
-  criterion = losses_lib.criterion_from_config(config.loss, masks.build_coder(config.model))
+  criterion = losses_lib.criterion_from_config(config.loss, masks_lib.build_coder(config.model))
   batch = {k: jnp.asarray(v) for k, v in
            train_step_bench.random_batch(config, 1, args.size).items()}
   key = jax.random.PRNGKey(3)
@@ -67,7 +65,7 @@ def main():
     return model.apply({'params': p, 'buffers': buffers}, *inputs, method=method,
                        rngs={'dropout': key})
 
-  backbone = lambda m, x: m.backbone(x)
+  backbone = lambda m, x: m.body(x)
   project = lambda m, f, pm: m.project(f, pm)
   encode = lambda m, s, ms, pos: m.transformer.encode(s, ms, pos, True)
   decode = lambda m, mem, ms: m.decode(mem, ms, True)

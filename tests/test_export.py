@@ -16,6 +16,7 @@ from solq_jax import masks as masks_lib
 from solq_jax import models
 from solq_jax.inference import export as export_lib
 from solq_jax.inference import predict
+from solq_jax.inference import visualize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # One export of the tiny model (a few tens of seconds of lowering on 2 cores).
@@ -34,7 +35,7 @@ def exported(tiny_config, tmp_path_factory):
   variables = models.init_variables(model, jax.random.key(1))
   coder = masks_lib.build_coder(config.model)
   artifact, contract = export_lib.export(config, model, variables, coder,
-                                         predict.category_names(config))
+                                         visualize.category_names(config))
   out_dir = tmp_path_factory.mktemp('exported')
   export_lib.save(out_dir, artifact, contract)
   infer = jax.jit(export_lib.inference_function(model, variables, coder, config.eval.top_k))

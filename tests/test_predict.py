@@ -120,20 +120,20 @@ def test_overlay_pixels():
 
 
 def test_category_names(tmp_path):
-  assert predict.load_category_names('')[90] == 'toothbrush'
-  assert len(predict.load_category_names('')) == 80
+  assert visualize.load_category_names('')[90] == 'toothbrush'
+  assert len(visualize.load_category_names('')) == 80
   (tmp_path / 'names.txt').write_text('cat\n\ndog\n')
-  assert predict.load_category_names(str(tmp_path / 'names.txt')) == {1: 'cat', 2: 'dog'}
+  assert visualize.load_category_names(str(tmp_path / 'names.txt')) == {1: 'cat', 2: 'dog'}
   (tmp_path / 'ids.txt').write_text('0 background thing\n7 zebra\n')
-  assert predict.load_category_names(str(tmp_path / 'ids.txt')) == {0: 'background thing',
+  assert visualize.load_category_names(str(tmp_path / 'ids.txt')) == {0: 'background thing',
                                                                      7: 'zebra'}
   (tmp_path / 'd.json').write_text(json.dumps({'categories': [{'id': 4, 'name': 'star'}]}))
-  assert predict.load_category_names(str(tmp_path / 'd.json')) == {4: 'star'}
+  assert visualize.load_category_names(str(tmp_path / 'd.json')) == {4: 'star'}
   (tmp_path / 'bad.json').write_text('{"images": []}')
   with pytest.raises(ValueError, match='bad.json'):
-    predict.load_category_names(str(tmp_path / 'bad.json'))
+    visualize.load_category_names(str(tmp_path / 'bad.json'))
   with pytest.raises(FileNotFoundError, match='nope.txt'):
-    predict.load_category_names(str(tmp_path / 'nope.txt'))
+    visualize.load_category_names(str(tmp_path / 'nope.txt'))
 
 
 def test_bad_inputs(tmp_path):

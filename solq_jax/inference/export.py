@@ -25,6 +25,7 @@ import numpy as np
 from solq_jax.data import pipeline
 from solq_jax.data import transforms
 from solq_jax.inference import postprocess as postprocess_lib
+from solq_jax.inference import visualize
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,6 @@ def main(argv=None):
   from solq_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
   from solq_jax import weights  # pylint: disable=g-import-not-at-top
-  from solq_jax.inference import predict  # pylint: disable=g-import-not-at-top
   argv = ['solq_jax.inference.export'] + list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file('config', None, 'experiment config file',
@@ -189,7 +189,7 @@ def main(argv=None):
   variables = weights.load(checkpoint.value, config.model, model=model, seed=config.seed)
   coder = masks_lib.build_coder(config.model)
   exported, contract_dict = export(config, model, variables, coder,
-                                   predict.category_names(config))
+                                   visualize.category_names(config))
   save(out.value, exported, contract_dict)
   print(f'wrote {out.value}/{EXPORT_FILE} ({", ".join(exported.platforms)}; input '
         f'[batch, {contract_dict["inputs"][0]["shape"][1]}, '

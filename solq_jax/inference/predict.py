@@ -16,7 +16,6 @@ from solq_jax import models
 from solq_jax import weights
 from solq_jax.data import coco as coco_data
 from solq_jax.data import pipeline
-from solq_jax.data import synthetic
 from solq_jax.data import transforms
 from solq_jax.inference import export as export_lib
 from solq_jax.inference import postprocess as postprocess_lib
@@ -25,35 +24,6 @@ from solq_jax.inference import visualize
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-
-
-def load_category_names(path=''):
-  """`{category_id: name}`: COCO's 80 by default, else from a COCO json or a text file.
-
-  A text file has one category per line, either `ID NAME` or just `NAME` (numbered from 1 in
-  file order, as COCO-style ids); blank lines are ignored.
-  """
-  if not path:
-    return dict(visualize.COCO_CATEGORIES)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'category names file not found: {path}')
-  if path.endswith('.json'):
-    with open(path) as f:
-      try:
-        categories = json.load(f)['categories']
-        return {int(c['id']): str(c['name']) for c in categories}
-      except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{path} is not a COCO json with a `categories` list ({e!r})') from e
-  names = {}
-  with open(path) as f:
-    lines = [line.strip() for line in f if line.strip()]
-  for number, line in enumerate(lines, start=1):
-    head, _, rest = line.partition(' ')
-    if head.isdigit() and rest.strip():
-      names[int(head)] = rest.strip()
-    else:
-      names[number] = line
-  return names
 
 
 def list_images(inputs):
@@ -112,14 +82,6 @@ def detections_record(detections, names, score_threshold):
   return out
 
 
-def category_names(config):
-  """`{category id: name}` of `config`: `eval.names_file`, else COCO's for a dataset, else the
-  generated dataset's shape names."""
-  if config.eval.names_file or config.data.root or config.data.source != 'coco':
-    return load_category_names(config.eval.names_file)
-  return {c['id']: c['name'] for c in synthetic.CATEGORIES}
-
-
 def _model_detector(config, checkpoint, loaded, coder):
   """`detect(image) -> detections` of a model (loaded here from `checkpoint` unless given)."""
   if loaded is None:
@@ -175,7 +137,7 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_bo
     detect, names = _exported_detector(config, checkpoint)
   else:
     detect = _model_detector(config, checkpoint, loaded, coder)
-    names = category_names(config)
+    names = visualize.category_names(config)
   os.makedirs(out_dir, exist_ok=True)
   records, used = [], set()
   for path in files:

@@ -1,14 +1,19 @@
-"""Overlays of detections on images: instance masks, boxes, class names and scores.
+"""Overlays of detections on images: instance masks, boxes, class names and scores; the
+category names they show.
 
 Masks and boxes are composed in numpy (exact, testable pixel sets); only the text labels are
 rasterised with PIL's built-in bitmap font.
 """
 import colorsys
+import json
+import os
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+
+from solq_jax.data import synthetic
 
 # COCO 2017 category ids and names (the model's labels are the raw ids; 80 of 1..90 are used).
 COCO_CATEGORIES = {
@@ -126,3 +131,40 @@ def draw_detections(image, detections, names=None, score_threshold=0.3, alpha=0.
 def save_png(path, image):
   """Writes uint8 `[H,W,3]` as a PNG file."""
   Image.fromarray(np.asarray(image, np.uint8)).save(path, format='PNG')
+
+
+def load_category_names(path=''):
+  """`{category_id: name}`: COCO's 80 by default, else from a COCO json or a text file.
+
+  A text file has one category per line, either `ID NAME` or just `NAME` (numbered from 1 in
+  file order, as COCO-style ids); blank lines are ignored.
+  """
+  if not path:
+    return dict(COCO_CATEGORIES)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'category names file not found: {path}')
+  if path.endswith('.json'):
+    with open(path) as f:
+      try:
+        categories = json.load(f)['categories']
+        return {int(c['id']): str(c['name']) for c in categories}
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path} is not a COCO json with a `categories` list ({e!r})') from e
+  names = {}
+  with open(path) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  for number, line in enumerate(lines, start=1):
+    head, _, rest = line.partition(' ')
+    if head.isdigit() and rest.strip():
+      names[int(head)] = rest.strip()
+    else:
+      names[number] = line
+  return names
+
+
+def category_names(config):
+  """`{category id: name}` of `config`: `eval.names_file`, else COCO's for a dataset, else the
+  generated dataset's shape names."""
+  if config.eval.names_file or config.data.root or config.data.source != 'coco':
+    return load_category_names(config.eval.names_file)
+  return {c['id']: c['name'] for c in synthetic.CATEGORIES}

@@ -118,10 +118,10 @@ def test_tiny_model_pallas_equals_xla(tiny_config):
   rng = np.random.default_rng(5)
   images = jnp.asarray(rng.normal(size=(1, 64, 96, 3)), jnp.float32)
   pad_mask = jnp.zeros((1, 64, 96), bool).at[:, :, 80:].set(True)
-  model_xla = build_model(config)
+  model_xla = build_model(config.model)
   variables = jax.jit(model_xla.init)(jax.random.key(0), images, pad_mask)
   config.model.attention_impl = 'pallas'
-  model_pallas = build_model(config)
+  model_pallas = build_model(config.model)
   out_xla = jax.jit(model_xla.apply)(variables, images, pad_mask)
   out_pallas = jax.jit(model_pallas.apply)(variables, images, pad_mask)
   for key in ('pred_logits', 'pred_boxes', 'pred_vectors'):

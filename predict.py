@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from solq_jax import cli
 from solq_jax.inference import predict
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,6 @@
 """`python -m solq_jax.data.check --config CONFIG [--config.data.root=...]`: decodes every image
-of the train and val splits once and lists the ones that cannot be read, before a long run
-meets them (exit status 1 when any is bad, 0 otherwise).
+of the train and val splits (`data.train_split`, `data.val_split`) once and lists the ones that
+cannot be read, before a long run meets them (exit status 1 when any is bad, 0 otherwise).
 
 A run stops at the first bad image it loads; `--config.data.skip_bad_images=True` skips them
 instead (each logged, counted).
@@ -54,13 +54,10 @@ def main(argv=None) -> None:
   fv = flags.FlagValues()   # private: importing this module registers no global flags
   config_flag = config_flags.DEFINE_config_file(
       'config', None, 'experiment config file', flag_values=fv, sys_argv=argv)
-  split_flag = flags.DEFINE_list('splits', [], "splits to check ('' = data.train_split and "
-                                 'data.val_split)', flag_values=fv)
   flags.mark_flag_as_required('config', flag_values=fv)
   cli.parse_flags(argv, fv)
   config = config_flag.value
-  splits = split_flag.value or list(dict.fromkeys(
-      [config.data.train_split, config.data.val_split]))
+  splits = list(dict.fromkeys([config.data.train_split, config.data.val_split]))
   try:
     bad = check(config, splits)
   except coco.DataError as e:

@@ -38,7 +38,8 @@ def describe_error(error: BaseException, argv: Sequence[str]) -> str:
     for path in _config_overrides(argv):
       parts = path.split('.')
       if name in parts:
-        return f'{".".join(parts[:parts.index(name) + 1])}: no such field{suggestion}'
+        field = '.'.join(parts[:parts.index(name) + 1])
+        return f'{field}: no such field{suggestion}'
     return f'{name}: no such field{suggestion}'
   m = re.match(r'flag --?([\w.]+)=(.*?): (.*)', text, re.S)
   if m:

@@ -13,9 +13,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from solq_jax import cli
 from solq_jax import sharding
 from solq_jax.inference import evaluate
 from solq_jax.training import distributed
+from solq_jax.weights import store
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')
@@ -25,7 +27,7 @@ _NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'devices of the data mesh 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))   # --verbosity=1: debug
   config = _CONFIG.value
   # Multi-process (as train.py: --config.train.distributed=True ...): each process evaluates
   # its share of the split, process 0 scores them all.
@@ -36,8 +38,11 @@ def main(argv):
       os.path.dirname(os.path.abspath(checkpoint.rstrip('/'))) if checkpoint else '.', 'eval')
   mesh = sharding.make_mesh(_NUM_DEVICES.value)
   logging.info('results and metrics go to %s', out_dir)
-  evaluate.run(config, checkpoint, out_dir, mesh)
+  try:
+    evaluate.run(config, checkpoint, out_dir, mesh)
+  except store.CorruptCheckpoint as e:   # flipped bits: the step and files, one line
+    cli.exit_with(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

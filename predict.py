@@ -8,7 +8,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from solq_jax import cli
 from solq_jax.inference import predict
+from solq_jax.weights import store
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'checkpoint dir or official .pth')
@@ -16,11 +18,14 @@ _OUT_DIR = flags.DEFINE_string('out_dir', 'predictions', 'overlays and detection
 
 
 def main(argv):
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))   # --verbosity=1: debug
   if len(argv) < 2:
     raise app.UsageError('give image files or folders after the flags')
-  predict.run(_CONFIG.value, _CHECKPOINT.value, argv[1:], _OUT_DIR.value)
+  try:
+    predict.run(_CONFIG.value, _CHECKPOINT.value, argv[1:], _OUT_DIR.value)
+  except store.CorruptCheckpoint as e:   # flipped bits: the step and files, one line
+    cli.exit_with(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

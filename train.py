@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from solq_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'experiment config file')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'checkpoints, metrics and eval results')
 _CACHE = flags.DEFINE_string(
@@ -34,7 +36,7 @@ class _LibraryInfoFilter(py_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))   # --verbosity=1: debug
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
   import jax  # pylint: disable=g-import-not-at-top
@@ -44,6 +46,8 @@ def main(argv):
   distributed.initialize(config.train)  # before any other JAX call
   # pylint: disable=g-import-not-at-top
   from solq_jax.inference import evaluate
+  from solq_jax.training import checkpoint
+  from solq_jax.training import lock
   from solq_jax.training import loop
   trainer = loop.Trainer(config)
   logging.info('mesh %s; %d steps (%d per epoch); global batch %d', dict(trainer.mesh.shape),
@@ -51,8 +55,11 @@ def main(argv):
   # Training never imports inference code: COCO evaluation is wired in here.
   evaluation = evaluate.make_evaluation(config, trainer.model, trainer.coder, trainer.mesh,
                                         progress=config.train.progress_bar)
-  trainer.fit(_WORKDIR.value, evaluation=evaluation)
+  try:
+    trainer.fit(_WORKDIR.value, evaluation=evaluation)
+  except (checkpoint.CheckpointError, lock.WorkdirLockedError, loop.NonFiniteLossError) as e:
+    cli.exit_with(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -105,6 +105,9 @@ def data_config() -> ml_collections.ConfigDict:
       # of (1344, 1344). Per-image augmentations are unchanged; only batch composition differs.
       group_by_aspect=True,
       num_workers=2,                # grain worker processes; 0 = in-process
+      # False: an image that cannot be decoded stops the run (naming the file); True: it is
+      # skipped and counted in the log (python -m solq_jax.data.check lists them up front).
+      skip_bad_images=False,
       read_threads=1,               # threads per process building batches (0 = synchronous)
       prefetch=2,                   # batches buffered per process
       # The generated dataset, used when root == '' (written once to cache_dir, then reused).
@@ -142,6 +145,9 @@ def train_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=500,
       max_to_keep=3,
       async_checkpointing=True,
+      # 0 = resume from the newest step; else from this step (the newer ones are moved aside to
+      # checkpoints/_discarded_step_<n>): the way forward when the newest step is corrupt.
+      resume_from_step=0,
       eval_every_steps=0,           # 0 = evaluate once, at the end
       final_eval=True,
       progress_bar=True,

@@ -33,6 +33,11 @@ SOLVERS = ('scipy', 'jax')
 _FOCAL_ALPHA = 0.25   # hard-coded in the official matcher, not config.loss.focal_alpha
 _FOCAL_GAMMA = 2.0
 _LOG_EPS = 1e-8
+# Non-finite costs (a diverged model's NaN/inf outputs) are replaced by +-this before solving,
+# and finite costs are clipped to it: both solvers then terminate on any input (the duals of
+# the JAX solver stay far from float32 overflow), the step's non-finite loss is reported by
+# the training loop, and real costs (order 10) are never touched.
+COST_LIMIT = 1e6
 
 
 def safe_boxes(boxes, valid):
@@ -195,15 +200,20 @@ def lsap_jax(cost, row_valid):
     v = v - jnp.where(seen_cols & found[:, None], min_val[:, None] - spc, 0)
 
     def flip_body(s):
-      j, done, col4row, row4col = s
+      j, done, col4row, row4col, it = s
       i = pick(path, j)
       row4col = jnp.where((cols == j[:, None]) & ~done[:, None], i[:, None], row4col)
       j_next = pick(col4row, jnp.maximum(i, 0))
       col4row = jnp.where((rows == i[:, None]) & ~done[:, None], j[:, None], col4row)
-      return jnp.where(done, j, j_next), done | (i == cur), col4row, row4col
+      # A path visits each row at most once; a path through a never-set entry (-1, possible
+      # only on non-finite costs) ends here instead of cycling.
+      done = done | (i == cur) | (i < 0)
+      return jnp.where(done, j, j_next), done, col4row, row4col, it + 1
 
-    _, _, col4row, row4col = lax.while_loop(
-        lambda s: (~s[1]).any(), flip_body, (jnp.maximum(sink, 0), ~found, col4row, row4col))
+    # At most n + 1 flips per path: the bound keeps non-finite input from looping forever.
+    _, _, col4row, row4col, _ = lax.while_loop(
+        lambda s: (~s[1]).any() & (s[4] <= n), flip_body,
+        (jnp.maximum(sink, 0), ~found, col4row, row4col, jnp.int32(0)))
     return u, v, col4row, row4col
 
   state = (jnp.zeros((num, n), jnp.float32), jnp.zeros((num, m), jnp.float32),
@@ -235,6 +245,12 @@ def _assign_jax(costs, valid):
   return src.reshape(shape), tgt.reshape(shape), matched.reshape(shape)
 
 
+def finite_costs(costs):
+  """`costs` with NaN -> COST_LIMIT, +-inf -> +-COST_LIMIT, and clipped to +-COST_LIMIT."""
+  costs = jnp.nan_to_num(costs, nan=COST_LIMIT, posinf=COST_LIMIT, neginf=-COST_LIMIT)
+  return jnp.clip(costs, -COST_LIMIT, COST_LIMIT)
+
+
 def assign(costs, valid, solver='scipy'):
   """Solve every `[Q, G]` problem of `costs [..., B, Q, G]` with targets `valid [B, G]`.
 
@@ -245,7 +261,8 @@ def assign(costs, valid, solver='scipy'):
   if solve is None:
     raise ValueError(f'unknown matching solver {solver!r}; expected one of {SOLVERS}')
   batch_axis = costs.ndim - 3
-  return sharding.per_batch_shard(solve, lax.stop_gradient(costs), valid,
+  costs = finite_costs(lax.stop_gradient(costs))
+  return sharding.per_batch_shard(solve, costs, valid,
                                   in_axes=(batch_axis, 0), out_axes=batch_axis)
 
 

@@ -140,6 +140,10 @@ def test_foreign_truncated_and_mismatched_directories(reference, tmp_path):
   assert data_files
   for p in data_files:
     p.write_bytes(p.read_bytes()[:100])
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'checkpoints/6 is corrupt: .*\(changed\).*resume_from_step=4'):
+    tr.fit(truncated)   # the step's checksums name it first
+  (truncated / 'checkpoints' / '6' / 'sha256.json').unlink()   # a step saved without checksums
   with pytest.raises(checkpoint_lib.CheckpointError, match='truncated'):
     tr.fit(truncated)
 

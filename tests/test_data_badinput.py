@@ -1,6 +1,9 @@
 """Bad input: each case gets a clear error naming the file, or a logged and documented skip."""
 import json
 import logging
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ def _eval_pipeline(config, **kwargs):
   return data.eval_pipeline(config, masks_lib.build_coder(config.model), **kwargs)
 
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLIT = 'bad'
 CATS = [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}]
 
@@ -146,16 +150,35 @@ def test_degenerate_polygons_are_dropped_and_logged(tmp_path, caplog):
       _ann(1, [1, 1, 2, 2], [[1, 1, 5, 1, 5]]),                        # odd length
   ]
   _write(tmp_path, [('a.jpg', _rgb(40, 40), (40, 40))], anns)
-  source = data.CocoSource(tmp_path, SPLIT)
   with caplog.at_level(logging.WARNING):
+    source = data.CocoSource(tmp_path, SPLIT)
     got = source.annotations(0)
   assert got['labels'].tolist() == [1]
   want = np.zeros((40, 40), bool)
   want[10:18, 10:18] = True
   np.testing.assert_array_equal(got['masks'][0], want)  # the 2-point part is not read as a box
   assert 'annotation 1: dropped 1 degenerate polygon part' in caplog.text
-  for ann_id in (2, 3, 4):
-    assert f'annotation {ann_id} (image 1): empty mask, instance dropped' in caplog.text
+  assert 'annotation 2 (image 1): dropped: mask with no pixel' in caplog.text
+  assert 'dropped 2 instance(s): empty polygon (no part with >= 3 points) (e.g. annotation 3)' in (
+      caplog.text)
+
+
+def test_dropped_instances_are_counted_once_per_reason(tmp_path, caplog):
+  """Empty polygons and negative-width boxes were dropped without a word (or one line per
+  instance per epoch); now one line per reason with a count, and none again at each load."""
+  anns = [_ann(1, [10, 10, 8, 8]), _ann(1, [10, 10, 8, 8], []), _ann(1, [10, 10, 8, 8], [[]]),
+          _ann(1, [20, 10, -5, 8], _square(15, 10, 5)), _ann(1, [60, 60, 5, 5])]
+  _write(tmp_path, [('a.jpg', _rgb(40, 40), (40, 40))], anns)
+  with caplog.at_level(logging.WARNING):
+    source = data.CocoSource(tmp_path, SPLIT)
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 2, lines
+  assert any('dropped 2 instance(s): empty polygon' in l and 'annotation 2' in l for l in lines)
+  assert any('dropped 2 instance(s): box with no area' in l and 'annotation 4' in l for l in lines)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert source.annotations(0)['labels'].tolist() == [1]
+  assert not caplog.records
 
 
 def test_boxes_outside_the_image_are_clamped_or_dropped(tmp_path):
@@ -196,3 +219,46 @@ def test_panorama(tmp_path):
     h, w = batch_helpers.unpadded_hw(batch['pad_mask'][0])
     assert max(h, w) <= 1340 and batch['images'].shape[1:3] == data.bucket_shape(
         [(h, w)], data.bucket_sizes(config.data), 32)
+
+
+def _good_and_truncated(tmp_path):
+  good = tmp_path / 'src.jpg'
+  _rgb(64, 64).save(good)
+  raw = good.read_bytes()
+  _write(tmp_path, [('a.jpg', raw, (64, 64)), ('trunc.jpg', raw[:len(raw) // 2], (64, 64)),
+                    ('b.jpg', raw, (64, 64))], [_ann(3, [4, 4, 10, 10], _square(4, 4, 10))])
+  config = tiny.get_config()
+  config.data.root = str(tmp_path)
+  config.data.train_split = config.data.val_split = SPLIT
+  config.data.num_workers = 0
+  config.eval.batch_size = 4
+  return config
+
+
+def test_data_check_lists_the_bad_images(tmp_path):
+  """A truncated JPEG was found only when training reached it; the check decodes every image
+  once, lists the bad ones and exits 1."""
+  _good_and_truncated(tmp_path)
+  result = subprocess.run(
+      [sys.executable, '-m', 'solq_jax.data.check', '--config', 'configs/tiny.py',
+       f'--config.data.root={tmp_path}', f'--config.data.train_split={SPLIT}',
+       f'--config.data.val_split={SPLIT}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2, result.stdout
+  assert 'trunc.jpg' in lines[0] and 'image id 2' in lines[0]
+  assert lines[1] == f'{SPLIT}: 3 image(s) checked, 1 bad'
+
+
+def test_skip_bad_images_skips_with_a_log_line(tmp_path, caplog):
+  config = _good_and_truncated(tmp_path)
+  with pytest.raises(data.DataError, match=r'trunc\.jpg'):
+    next(_eval_pipeline(config, process_count=1, process_index=0).iterator())
+  config.data.skip_bad_images = True
+  with caplog.at_level(logging.WARNING):
+    batch = next(_eval_pipeline(config, process_count=1, process_index=0).iterator())
+  assert batch['image_id'].tolist() == [1, -1, 3, -1]   # the bad row is a filler, like padding
+  assert batch['valid'][2].sum() == 1
+  assert 'skipped cannot decode image' in caplog.text and 'trunc.jpg' in caplog.text
+  assert '1 bad image(s) skipped so far' in caplog.text

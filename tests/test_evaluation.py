@@ -243,3 +243,29 @@ def test_nan_predictions_are_refused_and_nothing_is_written(tmp_path):
     evaluate_lib.evaluate(forward, {}, [batch], coco, post, out_dir=str(tmp_path / 'out'),
                           progress=False, log=lambda s: None)
   assert not (tmp_path / 'out').exists()
+
+
+def test_empty_polygons_in_the_eval_json_are_dropped_as_in_training(tmp_path, caplog):
+  """pycocotools crashed on a ground-truth polygon `[]` or `[[]]` (no result files written);
+  those instances, and boxes of negative width, are now dropped as the training source drops
+  them, one log line per reason, and the remaining ground truth scores as usual."""
+  gt = _gt().dataset
+  extra = [dict(id=10, image_id=1, category_id=1, bbox=[2, 2, 5, 5], area=25, iscrowd=0,
+                segmentation=[]),
+           dict(id=11, image_id=1, category_id=1, bbox=[2, 2, 5, 5], area=25, iscrowd=0,
+                segmentation=[[]]),
+           dict(id=12, image_id=1, category_id=3, bbox=[30, 2, -5, 5], area=25, iscrowd=0,
+                segmentation=[[25, 2, 30, 2, 30, 7, 25, 7]])]
+  path = tmp_path / 'instances.json'
+  path.write_text(json.dumps(dict(gt, annotations=gt['annotations'] + extra)))
+  with caplog.at_level('WARNING'):
+    coco = evaluation.load_coco_gt(path)
+  assert sorted(coco.anns) == [1, 2]
+  assert 'dropped 2 instance(s): empty polygon' in caplog.text
+  assert 'dropped 1 instance(s): box with no area' in caplog.text
+  perfect = _dets([[2, 2, 12, 10], [20, 10, 32, 25]], [0.9, 0.8], [1, 1])
+  ev = evaluation.CocoEvaluator(coco)
+  ev.add(perfect, 1)
+  metrics = ev.evaluate(out_dir=str(tmp_path / 'out'), log=lambda s: None)
+  assert metrics['bbox']['AP'] == pytest.approx(1.0) and metrics['segm']['AP'] > 0.9
+  assert (tmp_path / 'out' / 'segm_results.json').exists()

@@ -16,7 +16,10 @@ Bad input, decided per case:
 * polygon parts with fewer than 3 points or an odd number of coordinates: dropped, logged
   (pycocotools would read a 4-number part as a box, silently wrong); an instance whose mask is
   then empty (zero-area polygon): dropped, logged.
-* boxes partly outside the image: clamped (official); fully outside: dropped (zero width).
+* boxes partly outside the image: clamped (official); fully outside, or of non-positive width
+  or height: dropped, counted in the log once per run (as empty polygons, `[]` or `[[]]`).
+* evaluation scores against ground truth with the same instances dropped
+  (`json_drop_reason`, `annotation_mask`).
 * images with no annotations: kept (DETR trains on empty images).
 """
 import contextlib
@@ -43,6 +46,40 @@ def _valid_polygon_parts(segm, ann_id):
     log.warning('annotation %s: dropped %d degenerate polygon part(s) (< 3 points or odd length)',
                 ann_id, len(segm) - len(parts))
   return parts
+
+
+# Why a non-crowd instance is dropped; the same rules decide the training targets and the
+# ground truth that evaluation scores against (`solq_jax.inference.coco_eval.load_coco_gt`).
+NO_BOX = 'box with no area inside the image (non-positive width/height, or outside)'
+EMPTY_POLYGON = 'empty polygon (no part with >= 3 points)'
+EMPTY_MASK = 'mask with no pixel'
+
+
+def clamped_box(bbox, h, w):
+  """xywh -> xyxy in float32, clamped to the image (as the official code); None if empty."""
+  box = np.array(bbox, np.float32)
+  box[2:] += box[:2]
+  box[0::2] = np.clip(box[0::2], 0, w)
+  box[1::2] = np.clip(box[1::2], 0, h)
+  return box if box[2] > box[0] and box[3] > box[1] else None
+
+
+def json_drop_reason(ann, h, w):
+  """The reason a non-crowd annotation is dropped that the json alone shows (no mask is
+  decoded), or None."""
+  if clamped_box(ann['bbox'], h, w) is None:
+    return NO_BOX
+  segm = ann['segmentation']
+  if isinstance(segm, list) and not any(len(p) >= 6 and len(p) % 2 == 0 for p in segm):
+    return EMPTY_POLYGON
+  return None
+
+
+def log_drops(source, counts, examples) -> None:
+  """One log line per reason: how many instances of `source` it dropped, and an example id."""
+  for reason, n in sorted(counts.items()):
+    log.warning('%s: dropped %d instance(s): %s (e.g. annotation %s)', source, n, reason,
+                examples[reason])
 
 
 def annotation_mask(segm, h, w, ann_id):
@@ -118,8 +155,23 @@ class CocoSource:
     # Each image's annotations as one json blob: a compact, cheaply pickled copy for the grain
     # workers (the parsed pycocotools index of COCO train2017 takes gigabytes per process).
     self._annotations = [_compact(coco.imgToAnns.get(int(i), [])) for i in self.image_ids]
+    self._log_json_drops(coco)
     if check_files:
       self._check_files()
+
+  def _log_json_drops(self, coco):
+    """Counts, once per run, the instances `annotations` drops for a reason the json shows
+    (it drops them silently at every load)."""
+    counts, examples = {}, {}
+    for ann in coco.anns.values():
+      im = coco.imgs.get(ann['image_id'])
+      if ann.get('iscrowd') or im is None:
+        continue
+      reason = json_drop_reason(ann, im['height'], im['width'])
+      if reason:
+        counts[reason] = counts.get(reason, 0) + 1
+        examples.setdefault(reason, ann['id'])
+    log_drops(self.ann_file, counts, examples)
 
   def _load_json(self):
     with contextlib.redirect_stdout(io.StringIO()):
@@ -165,15 +217,12 @@ class CocoSource:
     for ann in json.loads(self._annotations[index]):
       if ann['iscrowd']:
         continue
-      box = np.array(ann['bbox'], np.float32)  # xywh -> xyxy in float32, as the official code
-      box[2:] += box[:2]
-      box[0::2] = np.clip(box[0::2], 0, w)
-      box[1::2] = np.clip(box[1::2], 0, h)
-      if not (box[2] > box[0] and box[3] > box[1]):
-        continue
+      if json_drop_reason(ann, h, w):
+        continue   # counted in the log at construction
+      box = clamped_box(ann['bbox'], h, w)
       mask = annotation_mask(ann['segmentation'], h, w, ann['id'])
       if mask is None:
-        log.warning('annotation %s (image %s): empty mask, instance dropped', ann['id'], image_id)
+        log.warning('annotation %s (image %s): dropped: %s', ann['id'], image_id, EMPTY_MASK)
         continue
       masks.append(mask)
       boxes.append(box)

@@ -16,6 +16,7 @@ from the *global* step number alone:
 Resuming: the grain iterator's `get_state()` / `set_state()`, or `Pipeline.iterator(start_step)`.
 Workers: `data.num_workers` grain processes (0 = in-process), each building whole batches.
 """
+import logging
 from typing import NamedTuple
 
 import grain
@@ -25,6 +26,8 @@ from solq_jax.data import coco
 from solq_jax.data import synthetic
 from solq_jax.data import targets as targets_lib
 from solq_jax.data import transforms
+
+log = logging.getLogger(__name__)
 
 # What a batch holds (docs/design.md, "Batch"): the model's inputs, the criterion's targets, and
 # the image id and original size that evaluation reads on the host.
@@ -110,6 +113,7 @@ class _Batcher:
     self.process_index = process_index
     self.sizes = bucket_sizes(data_config)
     self.max_gt = data_config.max_gt
+    self.skipped = 0   # bad images skipped (data.skip_bad_images), counted per process
 
   def records(self, step):
     """The `PlannedRecord`s of the global batch `step`."""
@@ -126,7 +130,20 @@ class _Batcher:
         batch['pad_mask'][row] = False
         batch['orig_size'][row] = hw
         continue
-      sample = transforms.apply_ops(self.source.load(record.index), record.ops)
+      try:
+        sample = self.source.load(record.index)
+      except coco.DataError as e:
+        if not self.data_config.skip_bad_images:
+          raise
+        # data.skip_bad_images: the row becomes a filler (an image without targets, id -1 so
+        # evaluation ignores it); the batch keeps its shape and a resumed run its batches.
+        self.skipped += 1
+        log.warning('data.skip_bad_images: skipped %s (%d bad image(s) skipped so far by this '
+                    'process)', e, self.skipped)
+        batch['pad_mask'][row] = False
+        batch['orig_size'][row] = hw
+        continue
+      sample = transforms.apply_ops(sample, record.ops)
       h, w = sample['image'].height, sample['image'].width
       assert (h, w) == tuple(record.hw), (self.source.path(record.index), (h, w), record.hw)
       batch['images'][row, :h, :w] = transforms.normalize_image(sample['image'])

@@ -19,7 +19,9 @@ import os
 import numpy as np
 from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
+from pycocotools import mask as mask_api
 
+from solq_jax.data import coco as coco_data
 from solq_jax.inference import postprocess as postprocess_lib
 
 IOU_TYPES = ('bbox', 'segm')
@@ -34,17 +36,54 @@ def _quiet():
     yield
 
 
+def _drop_reason(ann, image):
+  """Why the training source drops this annotation (`solq_jax.data.coco`), or None."""
+  if ann.get('iscrowd') or image is None:
+    return None   # crowd regions stay: COCOeval uses them as ignore regions
+  h, w = image['height'], image['width']
+  reason = coco_data.json_drop_reason(ann, h, w)
+  if reason is None and isinstance(ann['segmentation'], list):
+    parts = [p for p in ann['segmentation'] if len(p) >= 6 and len(p) % 2 == 0]
+    if len(parts) != len(ann['segmentation']):
+      ann['segmentation'] = parts   # degenerate parts: dropped, as in training
+    area = mask_api.area(mask_api.merge(mask_api.frPyObjects(parts, h, w)))
+    if area == 0:
+      reason = coco_data.EMPTY_MASK
+  return reason
+
+
 def load_coco_gt(annotations):
-  """A pycocotools `COCO` from an instances json path (or an existing `COCO`, returned as is)."""
+  """A pycocotools `COCO` from an instances json path (or an existing `COCO`, returned as is).
+
+  Non-crowd instances that training drops (empty polygons, boxes with no area inside the
+  image, masks with no pixel; `solq_jax.data.coco`) are dropped here too, counted in the log
+  once per reason, so the ground truth scored against is the one the model learns from (and
+  pycocotools never meets an empty polygon, on which it crashes)."""
   if isinstance(annotations, coco_lib.COCO):
     return annotations
   path = os.fspath(annotations)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'COCO annotations json not found: {path}')
   try:
+    with open(path) as f:
+      dataset = json.load(f)
+    images = {im['id']: im for im in dataset.get('images', [])}
+    kept, counts, examples = [], {}, {}
+    for ann in dataset.get('annotations', []):
+      reason = _drop_reason(ann, images.get(ann['image_id']))
+      if reason is None:
+        kept.append(ann)
+      else:
+        counts[reason] = counts.get(reason, 0) + 1
+        examples.setdefault(reason, ann.get('id'))
+    coco_data.log_drops(path, counts, examples)
+    dataset['annotations'] = kept
+    gt = coco_lib.COCO()
+    gt.dataset = dataset
     with _quiet():
-      return coco_lib.COCO(path)
-  except (ValueError, KeyError, TypeError) as e:
+      gt.createIndex()
+    return gt
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(f'not a COCO instances json: {path} ({e!r})') from e
 
 

@@ -6,11 +6,19 @@ and the model config, JSON). orbax writes a step into a temporary directory and 
 complete, so a process killed mid-save (even with SIGKILL) leaves only a temporary directory,
 which is removed at the next start; the run resumes from the last complete step.
 
+Every committed step also gets `sha256.json`, the checksums of its files
+(`solq_jax.weights.store.write_train_checksums`), written once orbax has finished that save
+(asynchronous saves finish in the background: the checksums follow at the next save, `wait` or
+`close`), and verified before a restore, so flipped bits are an error naming the step and the
+files. `resume_from_step` continues from an older step when the newest one is corrupt: the newer
+steps are moved aside to `_discarded_step_<n>` (kept, never deleted).
+
 A checkpoint directory that holds anything else (files that are not orbax step directories, a
 step without our three items, a different model config, unreadable arrays) raises
 `CheckpointError` naming the path: a run never silently restarts from scratch.
 """
 import base64
+import logging
 import os
 import pathlib
 from typing import Any, Optional, Tuple
@@ -18,6 +26,8 @@ from typing import Any, Optional, Tuple
 import orbax.checkpoint as ocp
 
 from solq_jax.weights import store
+
+log = logging.getLogger(__name__)
 
 # The on-disk layout is shared with the read-only reader of `solq_jax.weights.store`.
 FORMAT = store.TRAIN_FORMAT
@@ -49,10 +59,13 @@ class Checkpointer:
   """Saves and restores train checkpoints under `directory`."""
 
   def __init__(self, directory, model_config, *, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, resume_from_step: int = 0):
     self.directory = pathlib.Path(directory).absolute()
     self.model_config = store.model_config_dict(model_config)
     self._check_foreign()
+    self._unchecked = []   # saved steps whose checksums are not written yet
+    if resume_from_step:
+      self._discard_after(int(resume_from_step))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
@@ -81,6 +94,34 @@ class Checkpointer:
           f'{path} is not part of a solq-jax checkpoint directory; refusing to use '
           f'{self.directory} (a foreign or corrupted directory). Use another --workdir.')
 
+  def _complete_steps(self):
+    if not self.directory.is_dir():
+      return []
+    return sorted(int(e) for e in os.listdir(self.directory)
+                  if e.isdigit() and (self.directory / e).is_dir())
+
+  def _discard_after(self, step: int) -> None:
+    """Moves the steps after `step` aside (train.resume_from_step), so `step` is resumed."""
+    steps = self._complete_steps()
+    if step not in steps:
+      raise CheckpointError(f'train.resume_from_step={step}: no such step in {self.directory} '
+                            f'(complete steps: {steps})')
+    for later in (s for s in steps if s > step):
+      target = self.directory / f'_discarded_step_{later}'
+      n = 1
+      while target.exists():
+        target, n = self.directory / f'_discarded_step_{later}_{n}', n + 1
+      os.rename(self.directory / str(later), target)
+      log.warning('train.resume_from_step=%d: moved step %d aside to %s', step, later, target)
+
+  def _write_checksums(self) -> None:
+    """Checksums of the saves orbax has finished (called after `wait_until_finished`)."""
+    for step in self._unchecked:
+      step_dir = self.directory / str(step)
+      if step_dir.is_dir():   # max_to_keep may have removed it already
+        store.write_train_checksums(step_dir)
+    self._unchecked = []
+
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
@@ -89,6 +130,8 @@ class Checkpointer:
 
   def save(self, step: int, state, iterator_state: Any, force: bool = False) -> bool:
     meta = {'format': FORMAT, 'step': int(step), 'model': self.model_config}
+    self.wait()   # orbax waits for the previous save anyway; its checksums are written here
+    self._unchecked.append(int(step))
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
@@ -97,6 +140,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> Tuple[Any, Any]:
     """(state, iterator_state) of `step`; raises CheckpointError when it is not ours or unreadable."""
     path = self.directory / str(step)
+    try:
+      store.verify_train_checksums(path)
+    except store.CorruptCheckpoint as e:
+      raise CheckpointError(f'{e}. {self._older_steps_hint(step)}') from None
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001 - any failure to read is reported with the path
@@ -112,9 +159,18 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
+      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
       raise CheckpointError(f'checkpoint {path} is truncated or does not match the train state: '
-                            f'{type(e).__name__}: {e}') from e
+                            f'{type(e).__name__}: {first_line}. {self._older_steps_hint(step)}'
+                            ) from e
     return restored['state'], decode_iterator_state(restored['data'])
+
+  def _older_steps_hint(self, step: int) -> str:
+    older = [s for s in self._complete_steps() if s < step]
+    if not older:
+      return 'No older step to continue from; use another --workdir.'
+    return (f'To continue from an older step, set --config.train.resume_from_step={older[-1]} '
+            f'(older steps: {older}).')
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[int, Any, Any]]:
     """(step, state, iterator_state) of the newest complete checkpoint, or None if there is none."""
@@ -126,7 +182,8 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._write_checksums()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

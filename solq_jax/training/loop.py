@@ -7,6 +7,7 @@ A `Trainer` can `fit` several work directories (tests reuse its compiled step). 
 function of (config, step): the batch of step s comes from the data pipeline's step s, the
 dropout key is fold_in(rng, s), so a run resumed from a checkpoint continues exactly.
 """
+import contextlib
 import json
 import logging
 import pathlib
@@ -23,6 +24,7 @@ from solq_jax import sharding
 from solq_jax import weights
 from solq_jax.training import checkpoint as checkpoint_lib
 from solq_jax.training import distributed
+from solq_jax.training import lock as lock_lib
 from solq_jax.training import metrics as metrics_lib
 from solq_jax.training import optimizer as optimizer_lib
 from solq_jax.training import state as state_lib
@@ -95,7 +97,8 @@ class Trainer:
     t = self.config.train
     return checkpoint_lib.Checkpointer(pathlib.Path(workdir) / 'checkpoints', self.config.model,
                                        max_to_keep=t.max_to_keep,
-                                       async_save=t.async_checkpointing)
+                                       async_save=t.async_checkpointing,
+                                       resume_from_step=t.resume_from_step)
 
   # -- the loop ------------------------------------------------------------------------------
 
@@ -107,8 +110,37 @@ class Trainer:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / 'label_map.json').write_text(json.dumps(label_map(), indent=1))
 
+  @staticmethod
+  def _stop_if_nonfinite(step, scalars, ckpt) -> None:
+    """Raises NonFiniteLossError when the loss, the gradient norm or the updated parameters
+    of `step` are not finite (pops the step's parameter flag from `scalars`). Runs before the
+    step is saved, so every checkpoint on disk holds finite parameters."""
+    bad = metrics_lib.nonfinite(scalars)
+    if scalars.pop(step_lib.PARAMS_FINITE, 1.0) != 1.0:
+      bad['updated parameters'] = 'non-finite'
+    if not bad:
+      return
+    ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f'the last good checkpoint is step {last} in {ckpt.directory} (its parameters are '
+             'finite)' if last is not None else f'no checkpoint was saved in {ckpt.directory}')
+    raise NonFiniteLossError(
+        f'non-finite values at step {step}: {bad}. The run stopped without saving this step; '
+        f'{where}. Lower train.lr (or check the data) and resume with '
+        'train.resume_from_step.')
+
   def fit(self, workdir, stop_at_step: int = 0,
           evaluation: Optional[Evaluation] = None) -> Dict[str, Any]:
+    """`_fit` under the work directory's lock (`training.lock`): a second run on the same
+    directory is refused before it touches a checkpoint (its start-up would remove the first
+    run's save in progress)."""
+    held = (lock_lib.WorkdirLock(workdir) if distributed.is_main_process()
+            else contextlib.nullcontext())
+    with held:
+      return self._fit(workdir, stop_at_step, evaluation)
+
+  def _fit(self, workdir, stop_at_step: int = 0,
+           evaluation: Optional[Evaluation] = None) -> Dict[str, Any]:
     """Trains from the newest checkpoint in `workdir` (or from scratch) up to the stop step
     (`stop_at_step`, else `train.stop_at_step`, else the end).
 
@@ -152,12 +184,7 @@ class Trainer:
         data_state = iterator.get_state()  # positioned at batch `step`: what a resume needs
         batch = next(iterator) if step < stop else None  # overlaps the device step
         scalars = metrics_lib.to_floats(jax.device_get(metrics))
-        bad = metrics_lib.nonfinite(scalars)
-        if bad:
-          ckpt.wait()
-          raise NonFiniteLossError(
-              f'non-finite loss at step {step}: {bad}. The run stopped without saving this '
-              f'step; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+        self._stop_if_nonfinite(step, scalars, ckpt)
         history.append(scalars)
         if step % t.log_every_steps == 0 or step == stop:
           now = time.time()

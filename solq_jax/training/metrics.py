@@ -14,8 +14,8 @@ def to_floats(metrics: Mapping) -> Dict[str, float]:
 
 
 def nonfinite(metrics: Mapping[str, float]) -> Dict[str, float]:
-  """The loss terms that are NaN or inf."""
-  return {k: v for k, v in metrics.items() if k.startswith(('loss', 'total')) and
+  """The loss terms and the gradient norm that are NaN or inf."""
+  return {k: v for k, v in metrics.items() if k.startswith(('loss', 'total', 'grad_norm')) and
           not math.isfinite(v)}
 
 

@@ -13,11 +13,22 @@ the optimiser's frozen group never updates them (solq_jax.models.backbone.frozen
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from solq_jax import sharding
 from solq_jax.training import state as state_lib
+
+
+# The metrics key of the 0/1 flag "every updated parameter is finite" (popped by the loop).
+PARAMS_FINITE = 'params_finite'
+
+
+def params_finite(params) -> jax.Array:
+  """float32 1.0 when every entry of every leaf is finite, else 0.0."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(params)]
+  return jnp.stack(flags).all().astype(jnp.float32) if flags else jnp.float32(1)
 
 
 def loss_fn(params, buffers, batch, key, *, model, criterion):
@@ -44,6 +55,10 @@ def train_step_fn(model, tx, criterion: Callable, lr_schedule: Callable) -> Call
     params = optax.apply_updates(state.params, updates)
     metrics = dict(terms)
     metrics['grad_norm'] = optax.tree.norm(grads)
+    # The loss above comes from the parameters before the update, so a finite loss can still
+    # leave non-finite parameters behind; the loop refuses to save (or continue from) such a
+    # state. One fused reduction over all leaves, read by the loop as a 0/1 scalar.
+    metrics[PARAMS_FINITE] = params_finite(params)
     metrics['lr'] = lr_schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

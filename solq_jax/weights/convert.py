@@ -300,7 +300,8 @@ def main(argv=None):
                              '.pth reader (zip = built-in, torch-free)', flag_values=fv)
   for name in ('config', 'checkpoint', 'out'):
     flags.mark_flag_as_required(name, flag_values=fv)
-  fv(argv)
+  from solq_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.parse_flags(argv, fv)
   config = config_flag.value
   load = load_torchvision_resnet if torchvision.value else load_official_checkpoint
   variables = load(checkpoint.value, config.model, reader.value)

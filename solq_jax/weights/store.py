@@ -12,6 +12,7 @@ Two formats hold `{'params', 'buffers'}`:
 
 `check_model_config` is the one comparison of a stored model config with the config in hand.
 """
+import hashlib
 import json
 import os
 import pathlib
@@ -144,6 +145,65 @@ def read_train_meta(step_dir) -> dict:
   return meta
 
 
+# The sha256 of every file of a training step, written into the step directory once orbax has
+# committed the save (`write_train_checksums`) and checked before any restore: orbax itself
+# does not notice flipped bits in its data files.
+CHECKSUM_FILE = 'sha256.json'
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _step_files(step_dir: pathlib.Path) -> dict:
+  return {p.relative_to(step_dir).as_posix(): p for p in sorted(step_dir.rglob('*'))
+          if p.is_file() and p.name != CHECKSUM_FILE}
+
+
+def write_train_checksums(step_dir) -> None:
+  """Writes `<step>/sha256.json` for a committed step (atomically: a temporary file renamed)."""
+  step_dir = pathlib.Path(step_dir)
+  sums = {name: _sha256(p) for name, p in _step_files(step_dir).items()}
+  tmp = step_dir / (CHECKSUM_FILE + '.tmp')
+  tmp.write_text(json.dumps(sums, indent=0, sort_keys=True))
+  os.replace(tmp, step_dir / CHECKSUM_FILE)
+
+
+class CorruptCheckpoint(ValueError):
+  """A training step whose files differ from the checksums written with it."""
+
+
+def verify_train_checksums(step_dir) -> bool:
+  """Raises CorruptCheckpoint naming the files of `step_dir` that are missing, changed or
+  unreadable. False (nothing checked) for a step saved without checksums (older runs, or a
+  process killed between the commit and the checksums)."""
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / CHECKSUM_FILE
+  if not path.exists():
+    return False
+  try:
+    expected = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CorruptCheckpoint(f'checkpoint {step_dir}: unreadable {CHECKSUM_FILE}: {e}') from None
+  bad = []
+  for name, digest in sorted(expected.items()):
+    try:
+      if _sha256(step_dir / name) != digest:
+        bad.append(f'{name} (changed)')
+    except FileNotFoundError:
+      bad.append(f'{name} (missing)')
+    except OSError as e:
+      bad.append(f'{name} (unreadable: {e.strerror})')
+  if bad:
+    shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+    raise CorruptCheckpoint(f'checkpoint {step_dir} is corrupt: {shown}')
+  return True
+
+
 def load_train_variables(path, model_config) -> dict:
   """`{'params', 'buffers'}` of a training checkpoint: a run's `checkpoints/` directory (its
   newest complete step) or one `<step>/` folder of it.
@@ -162,6 +222,7 @@ def load_train_variables(path, model_config) -> dict:
     if not steps:
       raise ValueError(f'{path} holds no complete training checkpoint step')
     step_dir = path / str(steps[-1])
+  verify_train_checksums(step_dir)
   meta = read_train_meta(step_dir)
   check_model_config(meta.get('model'), model_config, f'checkpoint {step_dir}')
   item = step_dir / 'state'

@@ -126,7 +126,8 @@ def run(config, checkpoint, inputs, out_dir, *, loaded=None, coder=None, draw_bo
     raise ValueError(f'no input images in {list(inputs)}')
   if loaded is None:
     model = models.build_model(config.model)
-    variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
+    variables = weights.load(checkpoint, config.model, model=model, seed=config.seed,
+                             use_ema=config.eval.use_ema)
   else:
     model, variables = loaded
   forward = postprocess_lib.make_forward(model)

@@ -60,3 +60,47 @@ def test_train_step_ema_equals_the_closed_form_of_its_params():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema),
                                                       jax.tree.leaves(history[-1])))
+
+
+def test_checkpoints_without_an_ema_keep_the_old_layout(tmp_path, tiny_config):
+  """A run without an EMA writes the items a checkpoint had before the state had an EMA field,
+  and a checkpoint of that older state (no `ema_params` at all) still restores; a state with an
+  EMA saves and restores it."""
+  import dataclasses
+  import optax
+  from solq_jax.training import checkpoint as checkpoint_lib
+
+  @jax.tree_util.register_dataclass
+  @dataclasses.dataclass
+  class OlderState:   # the train state's fields before the EMA field
+    step: jax.Array
+    params: dict
+    buffers: dict
+    opt_state: tuple
+    rng: jax.Array
+
+  variables = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}, 'buffers': {}}
+  mesh = sharding.make_mesh(1)
+  tx = optax.adamw(1e-3)
+
+  def save_and_restore(name, saved, template):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / name, tiny_config.model, async_save=False)
+    ckpt.save(1, sharding.replicate(saved, mesh), {'position': 1}, force=True)
+    ckpt.close()
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / name, tiny_config.model, async_save=False)
+    try:
+      return ckpt.restore_latest(sharding.abstract_state(template, mesh))[1]
+    finally:
+      ckpt.close()
+
+  plain = state_lib.create(variables, tx, np.array([0, 1], np.uint32))
+  older = OlderState(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(OlderState)})
+  for name, saved in (('older', older), ('plain', plain)):
+    restored = save_and_restore(name, saved, plain)
+    assert isinstance(restored, state_lib.TrainState) and restored.ema_params is None
+    np.testing.assert_array_equal(restored.params['w'], variables['params']['w'])
+  assert set(checkpoint_lib.state_items(plain)) == {f.name for f in dataclasses.fields(OlderState)}
+  with_ema = state_lib.create(variables, tx, np.array([0, 1], np.uint32), ema=True)
+  with_ema = with_ema.replace(ema_params={'w': with_ema.ema_params['w'] + 1})
+  restored = save_and_restore('ema', with_ema, with_ema)
+  np.testing.assert_array_equal(restored.ema_params['w'], variables['params']['w'] + 1)

@@ -11,6 +11,7 @@ step without our three items, a different model config, unreadable arrays) raise
 `CheckpointError` naming the path: a run never silently restarts from scratch.
 """
 import base64
+import dataclasses
 import os
 import pathlib
 from typing import Any, Optional, Tuple
@@ -39,6 +40,18 @@ def decode_iterator_state(stored: Any) -> Any:
   if 'bytes_b64' in stored:
     return base64.b64decode(stored['bytes_b64'])
   return stored['value']
+
+
+def state_items(state) -> Any:
+  """The train state as the dict of its fields that orbax saves and restores. Without a weight
+  EMA (`ema_params` None) the field is left out: orbax would record the None as an item, and a
+  checkpoint written before the state had an EMA field (which lacks it) would no longer match."""
+  if state is None or not dataclasses.is_dataclass(state):
+    return state
+  items = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  if items.get('ema_params', False) is None:
+    del items['ema_params']
+  return items
 
 
 def _is_tmp(name: str) -> bool:
@@ -90,7 +103,7 @@ class Checkpointer:
   def save(self, step: int, state, iterator_state: Any, force: bool = False) -> bool:
     meta = {'format': FORMAT, 'step': int(step), 'model': self.model_config}
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(state_items(state)),
         data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
         meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -110,11 +123,15 @@ class Checkpointer:
       raise CheckpointError(f'{e}; use another --workdir or the same model config') from None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(state_items(abstract_state)),
+          data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f'checkpoint {path} is truncated or does not match the train state: '
                             f'{type(e).__name__}: {e}') from e
-    return restored['state'], decode_iterator_state(restored['data'])
+    state = restored['state']
+    if dataclasses.is_dataclass(abstract_state):
+      state = abstract_state.replace(**state)
+    return state, decode_iterator_state(restored['data'])
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[int, Any, Any]]:
     """(step, state, iterator_state) of the newest complete checkpoint, or None if there is none."""

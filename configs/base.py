@@ -149,6 +149,10 @@ def train_config() -> ml_collections.ConfigDict:
       # checkpoints/_discarded_step_<n>): the way forward when the newest step is corrupt.
       resume_from_step=0,
       eval_every_steps=0,           # 0 = evaluate once, at the end
+      # Gradient accumulation: each optimizer step sums the gradients of this many micro-batches
+      # of the global batch (batch_size must be a multiple of it x the device count).
+      grad_accum_steps=1,
+      ema_decay=0.0,                # weight EMA (bias-corrected) kept in the state; 0 = none
       final_eval=True,
       progress_bar=True,
       # Multi-host: jax.distributed.initialize() (entry points call it before anything else).
@@ -170,6 +174,7 @@ def eval_config() -> ml_collections.ConfigDict:
       paste_size_multiple=128,      # later sizes: canvas sides rounded up to this, then cropped
       score_threshold=0.3,          # predict: detections drawn in overlays
       names_file='',                # predict: names, dataset json or text ('' = COCO or shapes)
+      use_ema=True,                 # evaluate/predict with the weight EMA when the weights have one
       # solq_jax.inference.export: platforms lowered for, and the padded input size (H, W);
       # () = the largest bucket side, square (holds every eval-resized image).
       export_platforms='cpu,cuda',

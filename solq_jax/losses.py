@@ -7,6 +7,8 @@ decoder layer independently (`solq_jax.matching`) and returns the unweighted ter
 ... for the auxiliary layers, and `total`, the weighted sum. It is meant to run under `jax.jit`
 on the GLOBAL, batch-sharded batch: every sum below is then a global sum, so `num_boxes` is the
 global ground-truth count (the official all-reduced count), with no collective written here.
+With gradient accumulation the criterion sees one micro-batch at a time and is given the whole
+step's `valid` (`step_valid`), so that every term is normalised by the whole step's counts.
 
 Deliberate fix (vector loss): the official code takes the element mean of the vector loss per
 GPU and DDP then averages those per-GPU means (a mean of means, which depends on how the
@@ -18,6 +20,7 @@ by a dummy valid box / vector before any math and then masked out. A batch witho
 gives finite losses and zero box/vector gradients.
 """
 import functools
+import math
 from typing import Callable, Mapping
 
 import jax
@@ -44,40 +47,52 @@ def gather_pairs(x, idx):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _masked_mean(values, mask):
-  """Mean of `values` over the entries where `mask` (broadcast) is True; 0 if there are none."""
+def _masked_mean(values, mask, num_pairs=None):
+  """Mean of `values [B,G,...]` over the entries where `mask` (broadcast) is True; 0 if there
+  are none.
+
+  `num_pairs`: the matched-pair count to divide by instead of this batch's own (the whole
+  optimizer step's count when the batch is one micro-batch of it); each pair holds
+  `prod(values.shape[2:])` entries.
+  """
   mask = jnp.broadcast_to(mask, values.shape)
-  return jnp.where(mask, values, 0).sum() / jnp.maximum(mask.sum(), 1)
+  if num_pairs is None:
+    count = mask.sum()
+  else:
+    count = num_pairs * math.prod(values.shape[2:])
+  return jnp.where(mask, values, 0).sum() / jnp.maximum(count, 1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Vector-loss variants: (pred [B,G,K], target [B,G,K], pair_valid [B,G]) -> scalar, before
-# `vector_loss_scale`. Padded pairs hold finite dummy values.
+# Vector-loss variants: (pred [B,G,K], target [B,G,K], pair_valid [B,G], num_pairs=None) ->
+# scalar, before `vector_loss_scale`. Padded pairs hold finite dummy values. `num_pairs`: see
+# `_masked_mean`.
 
 
-def _vector_l1(pred, tgt, pair_valid):
-  return _masked_mean(jnp.abs(pred - tgt), pair_valid[..., None])
+def _vector_l1(pred, tgt, pair_valid, num_pairs=None):
+  return _masked_mean(jnp.abs(pred - tgt), pair_valid[..., None], num_pairs)
 
 
-def _vector_smooth_l1(pred, tgt, pair_valid):
+def _vector_smooth_l1(pred, tgt, pair_valid, num_pairs=None):
   """Huber with beta 1 (torch `smooth_l1_loss` default), element mean."""
   d = jnp.abs(pred - tgt)
-  return _masked_mean(jnp.where(d < 1.0, 0.5 * d ** 2, d - 0.5), pair_valid[..., None])
+  return _masked_mean(jnp.where(d < 1.0, 0.5 * d ** 2, d - 0.5), pair_valid[..., None],
+                      num_pairs)
 
 
-def _vector_l2(pred, tgt, pair_valid):
+def _vector_l2(pred, tgt, pair_valid, num_pairs=None):
   """Squared error, element mean (torch `mse_loss`)."""
-  return _masked_mean((pred - tgt) ** 2, pair_valid[..., None])
+  return _masked_mean((pred - tgt) ** 2, pair_valid[..., None], num_pairs)
 
 
 def _safe_norm(x, eps=1e-12):
   return jnp.sqrt((x * x).sum(-1) + eps)
 
 
-def _vector_cosine(pred, tgt, pair_valid):
+def _vector_cosine(pred, tgt, pair_valid, num_pairs=None):
   """1 - cosine similarity per matched pair, mean over pairs."""
   cos = (pred * tgt).sum(-1) / (_safe_norm(pred) * _safe_norm(tgt))
-  return _masked_mean(1.0 - cos, pair_valid)
+  return _masked_mean(1.0 - cos, pair_valid, num_pairs)
 
 
 def dice_loss(pred_masks, tgt_masks, smooth=1.0):
@@ -87,7 +102,7 @@ def dice_loss(pred_masks, tgt_masks, smooth=1.0):
   return 1.0 - (2.0 * inter + smooth) / (total + smooth)
 
 
-def _vector_dice(pred, tgt, pair_valid, *, coder, sharpness):
+def _vector_dice(pred, tgt, pair_valid, num_pairs=None, *, coder, sharpness):
   """Dice between masks decoded from the vectors with the model's mask coder.
 
   Target: `coder.decode(gt_vector)`, the binary mask the coder itself defines (for DCT the
@@ -102,7 +117,7 @@ def _vector_dice(pred, tgt, pair_valid, *, coder, sharpness):
   rec = coder.reconstruct(pred.reshape(b * g, k))
   soft = jax.nn.sigmoid(sharpness * (rec - 0.5))
   hard = jax.lax.stop_gradient(coder.decode(tgt.reshape(b * g, k))).astype(soft.dtype)
-  return _masked_mean(dice_loss(soft, hard).reshape(b, g), pair_valid)
+  return _masked_mean(dice_loss(soft, hard).reshape(b, g), pair_valid, num_pairs)
 
 
 VECTOR_LOSSES = {
@@ -115,7 +130,7 @@ VECTOR_LOSSES = {
 
 
 def vector_loss_fn(kind: str, coder=None, dice_sharpness: float = 10.0) -> Callable:
-  """The vector-loss variant `kind` as `(pred, tgt, pair_valid) -> scalar`.
+  """The vector-loss variant `kind` as `(pred, tgt, pair_valid, num_pairs=None) -> scalar`.
 
   'dice' decodes the vectors with `coder` (the model's mask coder, `solq_jax.masks`), which it
   then requires; the other variants compare the vectors themselves.
@@ -135,7 +150,7 @@ def vector_loss_fn(kind: str, coder=None, dice_sharpness: float = 10.0) -> Calla
 
 
 def layer_losses(layer_out, targets, match, num_boxes, *, vector_loss=None,
-                 vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0):
+                 vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0, num_pairs=None):
   """The unweighted terms of one decoder layer given its matching.
 
   Args:
@@ -147,6 +162,7 @@ def layer_losses(layer_out, targets, match, num_boxes, *, vector_loss=None,
       stage without the vector term.
     vector_loss_scale: the factor of the vector term.
     focal_alpha, focal_gamma: the focal classification loss.
+    num_pairs: the matched-pair count the vector loss divides by; None = this layer's own.
   """
   src, tgt, matched = match
   logits = layer_out['pred_logits']
@@ -175,7 +191,11 @@ def layer_losses(layer_out, targets, match, num_boxes, *, vector_loss=None,
     tgt_vec = gather_pairs(targets['vectors'], tgt).astype(pred_vec.dtype)
     pred_vec = jnp.where(matched[..., None], pred_vec, 1.0)
     tgt_vec = jnp.where(matched[..., None], tgt_vec, 1.0)
-    out['loss_vector'] = vector_loss_scale * vector_loss(pred_vec, tgt_vec, matched)
+    if num_pairs is None:
+      value = vector_loss(pred_vec, tgt_vec, matched)
+    else:
+      value = vector_loss(pred_vec, tgt_vec, matched, num_pairs=num_pairs)
+    out['loss_vector'] = vector_loss_scale * value
   return out
 
 
@@ -219,9 +239,16 @@ def weighted_total(losses, weights: Mapping[str, float]):
   return total
 
 
+def matched_pair_count(valid, num_queries: int):
+  """The number of matched pairs of one decoder layer for targets `valid [N,G]`, known before
+  matching: the assignment of each image pairs min(its valid targets, Q) queries and targets
+  (`matching.assign` solves a rectangular problem over the valid targets only)."""
+  return jnp.minimum(valid.sum(-1), num_queries).sum()
+
+
 def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
                 weights: Mapping[str, float], aux_loss=True, vector_start_stage=0,
-                vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0):
+                vector_loss_scale=1.0, focal_alpha=0.25, focal_gamma=2.0, step_valid=None):
   """The SOLQ criterion over the final and every auxiliary decoder layer.
 
   Args:
@@ -233,6 +260,10 @@ def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
     aux_loss: whether the auxiliary layers get losses.
     vector_start_stage: decoder stages below this one get no vector term.
     vector_loss_scale, focal_alpha, focal_gamma: see `layer_losses`.
+    step_valid: optional `valid [N,G]` of ALL the targets of the optimizer step when `targets`
+      is one micro-batch of it (gradient accumulation): `num_boxes` and the vector loss's pair
+      count are then those of the whole step, so the terms of the micro-batches add up to the
+      terms of the whole step as one batch. None: this batch's own counts.
 
   Returns:
     dict of unweighted terms (`loss_ce`, `loss_bbox`, `loss_giou`, `loss_vector`, suffixed
@@ -241,20 +272,26 @@ def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
   """
   layers = decoder_layers(outputs, aux_loss)
   matches = match_layers(layers, targets, matcher)
-  num_boxes = jnp.maximum(targets['valid'].sum().astype(jnp.float32), 1.0)
+  if step_valid is None:
+    num_boxes = jnp.maximum(targets['valid'].sum().astype(jnp.float32), 1.0)
+    num_pairs = None
+  else:
+    num_boxes = jnp.maximum(step_valid.sum().astype(jnp.float32), 1.0)
+    num_pairs = matched_pair_count(step_valid, outputs['pred_logits'].shape[1])
   losses = {}
   for (suffix, stage, layer_out), match in zip(layers, matches):
     terms = layer_losses(layer_out, targets, match, num_boxes,
                          vector_loss=vector_loss if stage >= vector_start_stage else None,
                          vector_loss_scale=vector_loss_scale, focal_alpha=focal_alpha,
-                         focal_gamma=focal_gamma)
+                         focal_gamma=focal_gamma, num_pairs=num_pairs)
     losses.update({k + suffix: v for k, v in terms.items()})
   losses['total'] = weighted_total(losses, weights)
   return losses
 
 
 def criterion_from_config(loss_config, coder=None) -> Callable:
-  """`criterion(outputs, targets) -> dict of terms incl. 'total'`: `solq_losses` with the
+  """`criterion(outputs, targets, step_valid=None) -> dict of terms incl. 'total'`:
+  `solq_losses` with the
   settings of `config.loss`. `coder`: the model's mask coder (needed by the 'dice' variant)."""
   lc = loss_config
   return functools.partial(

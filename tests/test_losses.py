@@ -286,3 +286,32 @@ def test_dice_variant(tiny_config):
       (jnp.arange(4)[None], jnp.arange(4)[None], jnp.ones((1, 4), bool)), 4.0,
       vector_loss=losses.vector_loss_fn('dice', coder, config.loss.dice_sharpness))
   assert float(perfect['loss_vector']) < 0.1 < 0.5 < float(terms['loss_vector'])
+
+
+@pytest.mark.parametrize('vector_loss', ['l1', 'cosine'])
+def test_micro_batches_normalised_by_the_step_add_up_to_the_batch(tiny_config, vector_loss):
+  """Gradient accumulation's contract: the terms of the micro-batches of a step, each given the
+  step's `valid`, sum to the terms of the whole step as one batch (every layer, every term).
+  Q = 3 < 4 valid targets of image 1 checks the pair count where not every target is matched;
+  image 0 has none."""
+  config = make_config(tiny_config, vector_loss=vector_loss)
+  outputs, targets = make_batch(4, b=4, q=3)
+  targets['valid'][1] = True
+  whole = jax.jit(criterion(config))(outputs, targets)
+
+  def rows(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+  step_criterion = jax.jit(criterion(config))
+  summed = None
+  for index in ([0, 2], [1, 3]):   # any split: the per-image terms do not depend on it
+    part = step_criterion(rows(outputs, index), rows(targets, index),
+                          step_valid=targets['valid'])
+    summed = part if summed is None else jax.tree.map(lambda a, b: a + b, summed, part)
+  assert set(summed) == set(whole) and 'loss_vector_1' in whole
+  for key in whole:
+    np.testing.assert_allclose(float(summed[key]), float(whole[key]), rtol=1e-6, atol=1e-7,
+                               err_msg=key)
+  # Without the step's counts each half is normalised by its own: the sum differs.
+  own = [jax.jit(criterion(config))(rows(outputs, i), rows(targets, i)) for i in ([0, 2], [1, 3])]
+  assert abs(float(own[0]['total'] + own[1]['total']) - float(whole['total'])) > 1e-3

@@ -111,3 +111,24 @@ def test_random_weights_without_a_checkpoint(tiny_config):
   c = weights.load('', tiny_config.model, seed=4)
   assert not np.array_equal(a['params']['query_embed']['embedding'],
                             c['params']['query_embed']['embedding'])
+
+
+def test_use_ema_loads_the_weight_ema_of_a_training_checkpoint(tiny_config, tmp_path):
+  """`use_ema` (config.eval.use_ema): the EMA of a checkpoint that keeps one, the parameters
+  otherwise; without it the parameters."""
+  state = state_lib.create(VARIABLES, optax.adamw(1e-3), np.array([0, 1], np.uint32), ema=True)
+  state = state.replace(ema_params=jax.tree.map(lambda x: x + 10, state.ema_params))
+  checkpointer = train_ckpt.Checkpointer(tmp_path / 'ema_run', tiny_config.model, async_save=False)
+  checkpointer.save(1, sharding.replicate(state, sharding.make_mesh()), {'step': 1}, force=True)
+  checkpointer.close()
+  ema = weights.load(str(tmp_path / 'ema_run'), tiny_config.model, use_ema=True)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 10), ema['params'],
+               VARIABLES['params'])
+  jax.tree.map(np.testing.assert_array_equal, ema['buffers'], VARIABLES['buffers'])
+  plain = weights.load(str(tmp_path / 'ema_run'), tiny_config.model, use_ema=False)
+  jax.tree.map(np.testing.assert_array_equal, plain, VARIABLES)
+  no_ema = _training_run(tmp_path / 'run', tiny_config.model)
+  jax.tree.map(np.testing.assert_array_equal,
+               weights.load(str(no_ema), tiny_config.model, use_ema=True), VARIABLES)
+  with pytest.raises(ValueError, match='config.eval.use_ema'):
+    weights.load(str(no_ema), tiny_config.model, use_ema='yes')

@@ -22,3 +22,29 @@ def trainer(num_devices: int) -> loop.Trainer:
     trainer(8).initial_state()
     variables = trainer(8)._variables  # pylint: disable=protected-access
   return loop.Trainer(micro_config(), mesh=sharding.make_mesh(num_devices), variables=variables)
+
+
+# The accumulation and EMA tests' trainers: no dropout (k micro-batches then equal one batch),
+# a global batch of 16 (so that each of 2 micro-batches still splits over 8 devices), an EMA.
+ACCUM_BATCH = 16
+EMA_DECAY = 0.5
+
+
+def accumulation_config(grad_accum_steps: int):
+  config = micro_config()
+  config.model.dropout = 0.0
+  t = config.train
+  t.batch_size = ACCUM_BATCH
+  t.grad_accum_steps = grad_accum_steps
+  t.ema_decay = EMA_DECAY
+  t.final_eval = True   # only where a test passes an evaluation callable
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def accumulation_trainer(num_devices: int, grad_accum_steps: int) -> loop.Trainer:
+  """A Trainer of `accumulation_config` (same step-0 variables as `trainer`)."""
+  trainer(8).initial_state()
+  return loop.Trainer(accumulation_config(grad_accum_steps),
+                      mesh=sharding.make_mesh(num_devices),
+                      variables=trainer(8)._variables)  # pylint: disable=protected-access

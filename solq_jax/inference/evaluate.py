@@ -207,7 +207,8 @@ def make_evaluation(config, model, coder, mesh=None, *, progress=True, log=print
 def run(config, checkpoint, out_dir, mesh=None):
   """`eval.py`: loads the weights, evaluates the eval split and writes jsons to `out_dir`."""
   model = models.build_model(config.model)
-  variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
+  variables = weights.load(checkpoint, config.model, model=model, seed=config.seed,
+                           use_ema=config.eval.use_ema)
   coder = masks_lib.build_coder(config.model)
   evaluation = make_evaluation(config, model, coder, mesh)
   try:

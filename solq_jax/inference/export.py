@@ -186,7 +186,8 @@ def main(argv=None):
   fv(argv)
   config = config_flag.value
   model = models.build_model(config.model)
-  variables = weights.load(checkpoint.value, config.model, model=model, seed=config.seed)
+  variables = weights.load(checkpoint.value, config.model, model=model, seed=config.seed,
+                           use_ema=config.eval.use_ema)
   coder = masks_lib.build_coder(config.model)
   exported, contract_dict = export(config, model, variables, coder,
                                    visualize.category_names(config))

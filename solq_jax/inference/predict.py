@@ -86,7 +86,8 @@ def _model_detector(config, checkpoint, loaded, coder):
   """`detect(image) -> detections` of a model (loaded here from `checkpoint` unless given)."""
   if loaded is None:
     model = models.build_model(config.model)
-    variables = weights.load(checkpoint, config.model, model=model, seed=config.seed)
+    variables = weights.load(checkpoint, config.model, model=model, seed=config.seed,
+                             use_ema=config.eval.use_ema)
   else:
     model, variables = loaded
   forward = postprocess_lib.make_forward(model)

@@ -18,6 +18,7 @@ step without our three items, a different model config, unreadable arrays) raise
 `CheckpointError` naming the path: a run never silently restarts from scratch.
 """
 import base64
+import dataclasses
 import logging
 import os
 import pathlib
@@ -49,6 +50,18 @@ def decode_iterator_state(stored: Any) -> Any:
   if 'bytes_b64' in stored:
     return base64.b64decode(stored['bytes_b64'])
   return stored['value']
+
+
+def state_items(state) -> Any:
+  """The train state as the dict of its fields that orbax saves and restores. Without a weight
+  EMA (`ema_params` None) the field is left out: orbax would record the None as an item, and a
+  checkpoint written before the state had an EMA field (which lacks it) would no longer match."""
+  if state is None or not dataclasses.is_dataclass(state):
+    return state
+  items = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  if items.get('ema_params', False) is None:
+    del items['ema_params']
+  return items
 
 
 def _is_tmp(name: str) -> bool:
@@ -133,7 +146,7 @@ class Checkpointer:
     self.wait()   # orbax waits for the previous save anyway; its checksums are written here
     self._unchecked.append(int(step))
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(state_items(state)),
         data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
         meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -157,13 +170,17 @@ class Checkpointer:
       raise CheckpointError(f'{e}; use another --workdir or the same model config') from None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(state_items(abstract_state)),
+          data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
       first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
       raise CheckpointError(f'checkpoint {path} is truncated or does not match the train state: '
                             f'{type(e).__name__}: {first_line}. {self._older_steps_hint(step)}'
                             ) from e
-    return restored['state'], decode_iterator_state(restored['data'])
+    state = restored['state']
+    if dataclasses.is_dataclass(abstract_state):
+      state = abstract_state.replace(**state)
+    return state, decode_iterator_state(restored['data'])
 
   def _older_steps_hint(self, step: int) -> str:
     older = [s for s in self._complete_steps() if s < step]

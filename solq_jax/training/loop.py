@@ -50,6 +50,8 @@ class Trainer:
     t = config.train
     self.mesh = mesh if mesh is not None else sharding.make_mesh(t.num_devices)
     sharding.check_batch_size(t.batch_size, self.mesh)
+    step_lib.check_grad_accum(t.grad_accum_steps, t.batch_size, self.mesh.size)
+    step_lib.check_ema_decay(t.ema_decay)
     self.model = models.build_model(config.model)
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
     self.criterion = losses.criterion_from_config(config.loss, self.coder)
@@ -79,7 +81,8 @@ class Trainer:
           self.config.train, self._variables['params'], self.steps_per_epoch,
           self.config.model.backbone_frozen_stages)
     variables = self._variables
-    state = state_lib.create(variables, self.tx, self.train_key)
+    state = state_lib.create(variables, self.tx, self.train_key,
+                             ema=bool(self.config.train.ema_decay))
     self._state_template = sharding.abstract_state(state, self.mesh)
     return sharding.replicate(state, self.mesh)
 
@@ -90,7 +93,9 @@ class Trainer:
         raise RuntimeError('call initial_state() before train_step')
       schedule = optimizer_lib.group_schedules(self.config.train, self.steps_per_epoch)
       self._train_step = step_lib.make_train_step(
-          self.model, self.tx, self.mesh, self.criterion, schedule[optimizer_lib.DEFAULT])
+          self.model, self.tx, self.mesh, self.criterion, schedule[optimizer_lib.DEFAULT],
+          grad_accum_steps=self.config.train.grad_accum_steps,
+          ema_decay=self.config.train.ema_decay)
     return self._train_step
 
   def checkpointer(self, workdir) -> checkpoint_lib.Checkpointer:
@@ -145,7 +150,8 @@ class Trainer:
     (`stop_at_step`, else `train.stop_at_step`, else the end).
 
     `evaluation(variables, out_dir) -> metrics dict or None` runs every `train.eval_every_steps`
-    and at the end (`train.final_eval`); train.py passes COCO evaluation
+    and at the end (`train.final_eval`), on the weight EMA when the run keeps one and
+    `eval.use_ema`, else on the parameters; train.py passes COCO evaluation
     (`solq_jax.inference.evaluate.make_evaluation`). None: no evaluation.
 
     Returns dict(state, step, history (per-step metrics of this call), eval (or None)).
@@ -197,13 +203,15 @@ class Trainer:
         if (evaluation and t.eval_every_steps and step % t.eval_every_steps == 0
             and step < self.total_steps):
           ckpt.wait()
-          ev = evaluation(state.variables, workdir / 'eval' / str(step))
+          ev = evaluation(state.eval_variables(self.config.eval.use_ema),
+                          workdir / 'eval' / str(step))
           if ev is not None:
             writer.write(step, ev['summary'], prefix='eval')
       bar.close()
       ckpt.wait()
       if evaluation and t.final_eval and step == self.total_steps:
-        result_eval = evaluation(state.variables, workdir / 'eval' / str(step))
+        result_eval = evaluation(state.eval_variables(self.config.eval.use_ema),
+                                 workdir / 'eval' / str(step))
         if result_eval is not None:
           writer.write(step, result_eval['summary'], prefix='eval')
           s = result_eval['summary']

@@ -29,11 +29,15 @@ log = logging.getLogger(__name__)
 PTH_SUFFIXES = ('.pth', '.pt', '.bin')
 
 
-def load(checkpoint, model_config, *, model=None, seed=0) -> dict:
+def load(checkpoint, model_config, *, model=None, seed=0, use_ema: bool = False) -> dict:
   """Variables for inference from `checkpoint` (see the module docstring).
 
   No checkpoint: random weights from `seed`, with a loud warning (only for benchmarking).
+  `use_ema` (`config.eval.use_ema`): from a training checkpoint that keeps a weight EMA, its
+  EMA instead of its parameters (the other formats hold one set of weights).
   """
+  if not isinstance(use_ema, bool):
+    raise ValueError(f'config.eval.use_ema must be True or False, got {use_ema!r}')
   if not checkpoint:
     banner = '*' * 78
     log.warning('%s\nNO CHECKPOINT GIVEN: using RANDOMLY INITIALISED weights (seed %d). The '
@@ -51,7 +55,7 @@ def load(checkpoint, model_config, *, model=None, seed=0) -> dict:
   if store.is_converted(path):
     return store.load_converted(path, model_config)
   if store.is_train_step(path) or store.train_steps(path):
-    return store.load_train_variables(path, model_config)
+    return store.load_train_variables(path, model_config, use_ema=use_ema)
   return store.load_converted(path, model_config)   # raises: names what the folder lacks
 
 

@@ -14,10 +14,13 @@ Two formats hold `{'params', 'buffers'}`:
 """
 import hashlib
 import json
+import logging
 import os
 import pathlib
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MARKER_FILE = 'solq_jax.json'
 VARIABLES_SUBDIR = 'variables'
@@ -204,9 +207,12 @@ def verify_train_checksums(step_dir) -> bool:
   return True
 
 
-def load_train_variables(path, model_config) -> dict:
+def load_train_variables(path, model_config, use_ema: bool = False) -> dict:
   """`{'params', 'buffers'}` of a training checkpoint: a run's `checkpoints/` directory (its
   newest complete step) or one `<step>/` folder of it.
+
+  `use_ema`: the parameters are the run's weight EMA (`ema_params` of the train state) when the
+  checkpoint holds one; else, and without `use_ema`, the trained parameters.
 
   Restored onto this process's first device whatever mesh saved it (orbax needs a target when
   the topology differs), after checking the architecture fields. Reads only: an unfinished save
@@ -234,7 +240,11 @@ def load_train_variables(path, model_config) -> dict:
     restored = reader.restore(item, target)
   except Exception as e:  # noqa: BLE001 - orbax raises many types; name the path
     raise ValueError(f'cannot restore {item}: {type(e).__name__}: {e}') from e
-  return _to_numpy({'params': restored['params'], 'buffers': restored['buffers']})
+  params = restored['params']
+  if use_ema and restored.get('ema_params') is not None:
+    params = restored['ema_params']
+    log.info('using the weight EMA of %s', step_dir)
+  return _to_numpy({'params': params, 'buffers': restored['buffers']})
 
 
 def _to_numpy(tree):

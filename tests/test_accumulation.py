@@ -1,8 +1,6 @@
 """Gradient accumulation (`train.grad_accum_steps`): k micro-batches equal one batch of k times
 their size, on one and on 8 devices; bad values are clear errors; a resumed run with
 accumulation (and a weight EMA) continues exactly."""
-import json
-import pathlib
 
 import jax
 import numpy as np
@@ -65,15 +63,6 @@ def test_bad_values_name_the_field():
     loop.Trainer(config, mesh=sharding.make_mesh(8))
 
 
-def train_losses(workdir):
-  out = {}
-  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
-    rec = json.loads(line)
-    if rec['split'] == 'train':
-      out[rec['step']] = rec['total']
-  return out
-
-
 def test_resume_with_accumulation_and_ema_is_exact(tmp_path):
   """A run stopped after step 3 and resumed from its checkpoint ends exactly as an uninterrupted
   run: parameters, optimiser state, weight EMA and the loss of every step. The uninterrupted
@@ -95,8 +84,8 @@ def test_resume_with_accumulation_and_ema_is_exact(tmp_path):
     for a, b in zip(jax.tree.leaves(getattr(state, name)),
                     jax.tree.leaves(getattr(ref_state, name))):
       np.testing.assert_array_equal(a, b, err_msg=name)
-  assert train_losses(tmp_path / 'resumed') == train_losses(tmp_path / 'uninterrupted')
-  assert sorted(train_losses(tmp_path / 'resumed')) == [1, 2, 3, 4, 5, 6]
+  assert train_helpers.losses_by_step(tmp_path / 'resumed') == train_helpers.losses_by_step(tmp_path / 'uninterrupted')
+  assert sorted(train_helpers.losses_by_step(tmp_path / 'resumed')) == [1, 2, 3, 4, 5, 6]
 
   assert len(evaluated) == 1
   for a, b in zip(jax.tree.leaves(evaluated[0]['params']), jax.tree.leaves(ref_state.ema_params)):

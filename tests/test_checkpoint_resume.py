@@ -1,7 +1,6 @@
 """Checkpoints: a run stopped after step k (or SIGKILLed mid-save) and resumed ends exactly as an
 uninterrupted run; NaN stops a run keeping the last good checkpoint; foreign, truncated and
 mismatched checkpoint directories are clear errors."""
-import json
 import os
 import pathlib
 import shutil
@@ -22,16 +21,6 @@ from solq_jax.training import loop
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The first test compiles the micro model's init and train step (minutes on a loaded 2-core box).
 pytestmark = pytest.mark.timeout(1800)
-
-
-def losses_by_step(workdir):
-  """{step: total} of the train records in workdir/metrics.jsonl (the last record of a step)."""
-  out = {}
-  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
-    rec = json.loads(line)
-    if rec['split'] == 'train':
-      out[rec['step']] = rec['total']
-  return out
 
 
 def assert_same_params(a, b):
@@ -58,8 +47,8 @@ def test_stop_and_resume_is_exact(reference, tmp_path):
   assert second['step'] == 6 and len(second['history']) == 3
   assert_same_params(second['state'].params, ref_state.params)
   assert_same_params(second['state'].opt_state, ref_state.opt_state)
-  assert losses_by_step(tmp_path) == losses_by_step(ref_dir)
-  assert sorted(losses_by_step(tmp_path)) == [1, 2, 3, 4, 5, 6]
+  assert train_helpers.losses_by_step(tmp_path) == train_helpers.losses_by_step(ref_dir)
+  assert sorted(train_helpers.losses_by_step(tmp_path)) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
@@ -96,7 +85,7 @@ def test_sigkill_mid_save_then_resume(reference, tmp_path):
   assert result['step'] == 6
   assert not [n for n in os.listdir(ckpt_dir) if 'orbax-checkpoint-tmp' in n]
   assert_same_params(result['state'].params, ref_state.params)
-  assert losses_by_step(tmp_path) == losses_by_step(ref_dir)
+  assert train_helpers.losses_by_step(tmp_path) == train_helpers.losses_by_step(ref_dir)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -24,17 +24,16 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_two_processes_match_one(tmp_path):
+def run_two_processes(args, tmp_path):
+  """Runs `python ARGS` as 2 processes of 4 CPU devices joined through jax.distributed on
+  localhost; asserts both exit 0 (their stderr is kept in tmp_path)."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
   procs = []
   for pid in range(2):
-    cmd = [sys.executable, 'train.py', '--config', train_helpers.CONFIG_FILE,
-           '--workdir', str(tmp_path / 'multi'), '--config.train.stop_at_step=2',
-           '--config.train.distributed=True', f'--config.train.coordinator_address=localhost:{port}',
+    cmd = [sys.executable, *args, '--config.train.distributed=True',
+           f'--config.train.coordinator_address=localhost:{port}',
            '--config.train.num_processes=2', f'--config.train.process_id={pid}']
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=open(tmp_path / f'stderr_{pid}.txt', 'wb')))
@@ -47,6 +46,14 @@ def test_two_processes_match_one(tmp_path):
         p.kill()
   logs = [(tmp_path / f'stderr_{pid}.txt').read_text()[-3000:] for pid in range(2)]
   assert [p.returncode for p in procs] == [0, 0], logs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_processes_match_one(tmp_path):
+  run_two_processes(['train.py', '--config', train_helpers.CONFIG_FILE,
+                     '--workdir', str(tmp_path / 'multi'), '--config.train.stop_at_step=2'],
+                    tmp_path)
 
   tr = train_helpers.trainer(8)
   single = tr.fit(tmp_path / 'single', stop_at_step=2)
@@ -70,27 +77,9 @@ def test_two_process_evaluation_equals_one(tmp_path, coco_val158, tiny_config):
   overrides = {'data.root': str(coco_val158), 'data.num_workers': 0, 'model.num_classes': 91,
                'eval.max_images': 11, 'eval.batch_size': 8, 'data.eval_size': 128,
                'data.eval_max_size': 160}   # 2 batches, the second with 5 filler rows
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  procs = []
-  for pid in range(2):
-    cmd = [sys.executable, 'eval.py', '--config', 'configs/tiny.py',
-           '--out_dir', str(tmp_path / 'multi'), '--config.train.distributed=True',
-           f'--config.train.coordinator_address=localhost:{port}',
-           '--config.train.num_processes=2', f'--config.train.process_id={pid}']
-    cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=open(tmp_path / f'stderr_{pid}.txt', 'wb')))
-  try:
-    for p in procs:
-      p.wait(timeout=1500)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  logs = [(tmp_path / f'stderr_{pid}.txt').read_text()[-3000:] for pid in range(2)]
-  assert [p.returncode for p in procs] == [0, 0], logs
+  run_two_processes(['eval.py', '--config', 'configs/tiny.py', '--out_dir',
+                     str(tmp_path / 'multi')] +
+                    [f'--config.{k}={v}' for k, v in overrides.items()], tmp_path)
 
   config = tiny_config.copy_and_resolve_references()
   for key, value in overrides.items():

@@ -1,5 +1,7 @@
 """Shared by the training tests: one compiled Trainer per device count for the whole session."""
 import functools
+import json
+import pathlib
 
 import train_micro_config
 
@@ -48,3 +50,13 @@ def accumulation_trainer(num_devices: int, grad_accum_steps: int) -> loop.Traine
   return loop.Trainer(accumulation_config(grad_accum_steps),
                       mesh=sharding.make_mesh(num_devices),
                       variables=trainer(8)._variables)  # pylint: disable=protected-access
+
+
+def losses_by_step(workdir):
+  """{step: total} of the train records in workdir/metrics.jsonl (the last record of a step)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    rec = json.loads(line)
+    if rec['split'] == 'train':
+      out[rec['step']] = rec['total']
+  return out

@@ -48,7 +48,7 @@ class Trainer:
     t = config.train
     self.mesh = mesh if mesh is not None else sharding.make_mesh(t.num_devices)
     sharding.check_batch_size(t.batch_size, self.mesh)
-    self.model = models.build_model(config.model)
+    self.model = models.build_model(config.model, remat=config.train.remat)
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
     self.criterion = losses.criterion_from_config(config.loss, self.coder)
     self.data = data_lib.train_pipeline(config, self.coder)

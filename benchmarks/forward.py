@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/forward.py                      # R50, batch 1, 800x1066
     .venv/bin/python benchmarks/forward.py --config=configs/tiny.py --height=256 --width=320
+    .venv/bin/python benchmarks/forward.py --config.model.dtype=bfloat16   # any config field
 
 Prints the median (and min/max) wall time of `--runs` timed calls after one warm-up call, for
 the jitted whole model and for jitted stages fed with precomputed inputs: backbone, input

@@ -4,6 +4,7 @@ of the tiny config on 1 vs 8 simulated CPU devices.
   python benchmarks/train_step.py                      # both parts, each in its own process
   python benchmarks/train_step.py --part r50 --runs 5
   python benchmarks/train_step.py --part tiny --devices 8
+  python benchmarks/train_step.py --part tiny --config.model.dtype=bfloat16 --config.train.remat=all
 
 A step = forward + criterion (with the Hungarian matching) + backward + clip + AdamW, compiled,
 on random weights and a random batch of 10 objects per image; the median of `--runs` timed
@@ -23,7 +24,34 @@ def parse():
   p.add_argument('--runs', type=int, default=5)
   p.add_argument('--size', type=int, default=0, help='image side (default: r50 512, tiny 256)')
   p.add_argument('--batch', type=int, default=0, help='global batch (default: r50 1, tiny 8)')
-  return p.parse_args()
+  args, overrides = p.parse_known_args()
+  args.overrides = overrides
+  return args
+
+
+def apply_overrides(config, overrides):
+  """Applies `--config.section.field=value` arguments to `config` (values parsed as the field's
+  type); an unknown field or any other argument raises."""
+  for arg in overrides:
+    if not arg.startswith('--config.') or '=' not in arg:
+      raise SystemExit(f'unknown argument {arg!r} (expected --config.section.field=value)')
+    path, value = arg[len('--config.'):].split('=', 1)
+    *parents, field = path.split('.')
+    node = config
+    for name in parents:
+      if name not in node:
+        raise SystemExit(f'unknown config section {path!r}')
+      node = node[name]
+    if field not in node:
+      raise SystemExit(f'unknown config field {path!r}')
+    old = node[field]
+    if isinstance(old, bool):
+      if value.lower() not in ('true', 'false'):
+        raise SystemExit(f'--config.{path} must be true or false, got {value!r}')
+      node[field] = value.lower() == 'true'
+    else:
+      node[field] = type(old)(value)
+  return config
 
 
 def random_batch(config, batch, side, seed=0):
@@ -55,7 +83,7 @@ def measure(config, devices, batch, side, runs):
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
   mesh = sharding.make_mesh(devices)
-  model = models.build_model(config.model)
+  model = models.build_model(config.model, remat=config.train.remat)
   variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0)))
   tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)
@@ -82,17 +110,18 @@ def main():
   if args.part == 'all':
     for part, devices in (('r50', 1), ('tiny', 1), ('tiny', 8)):
       subprocess.run([sys.executable, __file__, '--part', part, '--devices', str(devices),
-                      '--runs', str(args.runs)], check=True)
+                      '--runs', str(args.runs)] + args.overrides, check=True)
     return
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={args.devices}')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import solq_r50, tiny  # pylint: disable=g-import-not-at-top
-  config = solq_r50.get_config() if args.part == 'r50' else tiny.get_config()
+  config = apply_overrides(solq_r50.get_config() if args.part == 'r50' else tiny.get_config(),
+                           args.overrides)
   side = args.size or (512 if args.part == 'r50' else 256)
   batch = args.batch or (1 if args.part == 'r50' else 8)
   compile_s, median, times, loss, faults = measure(config, args.devices, batch, side, args.runs)
-  line = (f'{args.part}: {side}x{side} batch {batch} on {args.devices} device(s): median step '
+  line = (f'{args.part} (dtype {config.model.dtype}, remat {config.train.remat}): {side}x{side} batch {batch} on {args.devices} device(s): median step '
           f'{median:.3f} s ({batch / median:.2f} images/s) over {args.runs} runs '
           f'[{", ".join(f"{t:.2f}" for t in times)}]; first step (compile) {compile_s:.1f} s; '
           f'loss {loss:.3f}; {faults:.0f} page faults per step')

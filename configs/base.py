@@ -33,6 +33,11 @@ def model_config() -> ml_collections.ConfigDict:
       mask_coder='dct',             # dct | pca | flatten
       pca_path='',                  # .npz with PCA components (mask_coder='pca')
       attention_impl='xla',         # xla | pallas | auto (deformable-attention core)
+      # Computation dtype (float32 | bfloat16) of the backbone, input projections, transformer
+      # and heads. Parameters and optimiser state stay float32, as do softmaxes, normalisation
+      # statistics, sampling locations, reference points and boxes; the deformable-attention
+      # core accumulates in float32; outputs, matching, losses and post-processing are float32.
+      dtype='float32',
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))
@@ -135,6 +140,11 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
+      # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all):
+      # their activations are recomputed instead of stored, for ~one more forward of those layers.
+      # Same parameters, values and gradients; here, not in `model`, because it is how a run
+      # trains, not what a checkpoint holds (build_model(config.model, remat=config.train.remat)).
+      remat='none',
       adam_b1=0.9,
       adam_b2=0.999,
       adam_eps=1e-8,

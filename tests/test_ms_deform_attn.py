@@ -162,14 +162,32 @@ def test_default_backward_chunk_follows_the_byte_budget(monkeypatch):
         value, loc, attn, grad_out)
     return [e.params['length'] for e in traced.jaxpr.eqns if e.primitive.name == 'scan']
 
-  monkeypatch.setattr(msda, 'BACKWARD_CHUNK_BYTES', 1 * bytes_per_query)
+  backend = jax.default_backend()
+  monkeypatch.setitem(msda.BACKWARD_CHUNK_BYTES, backend, 1 * bytes_per_query)
   assert scan_lengths() == [3]  # at least 8 queries a step: ceil(23 / 8)
-  monkeypatch.setattr(msda, 'BACKWARD_CHUNK_BYTES', 20 * bytes_per_query)
+  monkeypatch.setitem(msda.BACKWARD_CHUNK_BYTES, backend, 20 * bytes_per_query)
   assert scan_lengths() == [2]  # 20 queries a step
   chunked = msda.fused_backward(value, LEVELS, loc, attn, grad_out)
   whole = msda.fused_backward(value, LEVELS, loc, attn, grad_out, 23)
   for w, c in zip(whole, chunked):
     np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_per_backend_chunk_gives_the_same_gradients(monkeypatch, backend):
+  """Each backend's default chunk (traced as if on that backend) gives the gradients of one
+  whole-query step; so do chunks of 3 and 13 queries (several steps, a partial last one)."""
+  rng = np.random.default_rng(7)
+  value, loc, attn = random_inputs(rng, 2, 40)
+  grad_out = rng.normal(size=(2, 40, HEADS * HEAD_DIM)).astype(np.float32)
+  chunk = msda.backward_chunk(value.shape, backend)
+  assert chunk == max(8, msda.BACKWARD_CHUNK_BYTES[backend] // (4 * 2 * HEADS * HEAD_DIM))
+  whole = msda.fused_backward(value, LEVELS, loc, attn, grad_out, 40)
+  monkeypatch.setattr(msda.jax, 'default_backend', lambda: backend)
+  for chunk in (None, 3, 13):
+    chunked = msda.fused_backward(value, LEVELS, loc, attn, grad_out, chunk)
+    for w, c in zip(whole, chunked):
+      np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_match_finite_differences_float64():

@@ -69,6 +69,28 @@ def test_gradients_match_xla_core():
     assert np.abs(e).max() > 0.1, name
 
 
+def test_bfloat16_gradients_match_xla_core():
+  """bf16 values and attention weights (as model.dtype='bfloat16' passes them), f32 locations:
+  both cores accumulate in f32, so the gradients agree up to their final bf16 rounding."""
+  value, loc, attn, cotangent = random_inputs(5, batch=2, queries=3, heads=2, head_dim=8,
+                                              points=1)
+  value, attn = jnp.asarray(value, jnp.bfloat16), jnp.asarray(attn, jnp.bfloat16)
+
+  def loss(core):
+    return lambda v, l, a: jnp.sum(core(v, LEVELS, l, a).astype(jnp.float32) * cotangent)
+
+  pallas_core = lambda v, s, l, a: kernel.ms_deform_attn_pallas(v, s, l, a, interpret=True)
+  got = jax.jit(jax.grad(loss(pallas_core), argnums=(0, 1, 2)))(value, loc, attn)
+  expected = jax.jit(jax.grad(loss(msda.ms_deform_attn_xla), argnums=(0, 1, 2)))(
+      value, loc, attn)
+  for name, g, e in zip(('value', 'locations', 'weights'), got, expected):
+    assert g.dtype == e.dtype, name
+    g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+    scale = np.abs(e).max()
+    assert scale > 0.1, name
+    np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * scale, err_msg=name)
+
+
 def _abstract_gpu_mesh(device_kind):
   device = AbstractDevice(device_kind=device_kind, num_cores=None, platform='gpu')
   return AbstractMesh((1,), ('x',), (AxisType.Explicit,), abstract_device=device)

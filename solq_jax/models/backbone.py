@@ -16,6 +16,8 @@ replaces every frozen batch norm with a trained GroupNorm (same module names, it
 in `params`), because a random ResNet behind identity batch norms is unnormalised; and
 `frozen_stages` (official 1: stem + layer1) sets how many stages get no gradient (0 = none).
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,9 +67,9 @@ def backbone_channels(name: str):
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features, kernel, stride=1, name=None):
-  """Bias-free conv with torch's symmetric padding `kernel // 2`."""
-  return Conv2d(features, kernel, stride, kernel_init=_conv_init, name=name)
+def conv(features, kernel, stride=1, name=None, dtype=jnp.float32):
+  """Bias-free conv with torch's symmetric padding `kernel // 2`, computed in `dtype`."""
+  return Conv2d(features, kernel, stride, kernel_init=_conv_init, dtype=dtype, name=name)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -82,15 +84,17 @@ class FrozenBatchNorm(nn.Module):
     mean = self.variable('buffers', 'mean', jnp.zeros, (c,), jnp.float32).value
     var = self.variable('buffers', 'var', jnp.ones, (c,), jnp.float32).value
     s = scale * jax.lax.rsqrt(var + self.eps)
-    return x * s + (bias - mean * s)
+    # The constants are folded in float32, then applied in the activations' dtype.
+    return x * s.astype(x.dtype) + (bias - mean * s).astype(x.dtype)
 
 
-def norm_layer(kind: str, name: str) -> nn.Module:
-  """The backbone's normalisation after a conv: `FrozenBatchNorm` or a trained `GroupNorm`."""
+def norm_layer(kind: str, name: str, dtype=jnp.float32) -> nn.Module:
+  """The backbone's normalisation after a conv: `FrozenBatchNorm` or a trained `GroupNorm`
+  (statistics in float32 whatever `dtype`, the output in `dtype`)."""
   if kind == 'frozen_bn':
     return FrozenBatchNorm(name=name)
   if kind == 'group_norm':
-    return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=BN_EPS, name=name)
+    return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=BN_EPS, dtype=dtype, name=name)
   raise ValueError(f'config.model.backbone_norm must be one of {NORMS}, got {kind!r}')
 
 
@@ -101,15 +105,19 @@ class _Block(nn.Module):
   stride: int = 1
   downsample: bool = False
   norm: str = 'frozen_bn'
+  dtype: Any = jnp.float32
   expansion = 1
 
   def bn(self, name):
-    return norm_layer(self.norm, name)
+    return norm_layer(self.norm, name, self.dtype)
+
+  def conv(self, features, kernel, stride, name):
+    return conv(features, kernel, stride, name, self.dtype)
 
   def shortcut(self, x):
     if not self.downsample:
       return x
-    out = conv(self.width * self.expansion, 1, self.stride, 'downsample')(x)
+    out = self.conv(self.width * self.expansion, 1, self.stride, 'downsample')(x)
     return self.bn('downsample_bn')(out)
 
 
@@ -118,8 +126,8 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(self.bn('bn1')(conv(self.width, 3, self.stride, 'conv1')(x)))
-    out = self.bn('bn2')(conv(self.width, 3, 1, 'conv2')(out))
+    out = nn.relu(self.bn('bn1')(self.conv(self.width, 3, self.stride, 'conv1')(x)))
+    out = self.bn('bn2')(self.conv(self.width, 3, 1, 'conv2')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -129,9 +137,9 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(self.bn('bn1')(conv(self.width, 1, 1, 'conv1')(x)))
-    out = nn.relu(self.bn('bn2')(conv(self.width, 3, self.stride, 'conv2')(out)))
-    out = self.bn('bn3')(conv(self.width * self.expansion, 1, 1, 'conv3')(out))
+    out = nn.relu(self.bn('bn1')(self.conv(self.width, 1, 1, 'conv1')(x)))
+    out = nn.relu(self.bn('bn2')(self.conv(self.width, 3, self.stride, 'conv2')(out)))
+    out = self.bn('bn3')(self.conv(self.width * self.expansion, 1, 1, 'conv3')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -143,6 +151,7 @@ class ResNet(nn.Module):
   variant: str = 'resnet50'     # a key of RESNET_LAYOUTS
   norm: str = 'frozen_bn'
   frozen_stages: int = 1        # the modules `frozen_module` names get no gradient
+  dtype: Any = jnp.float32      # computation dtype (the input is cast to it); params float32
 
   @nn.compact
   def __call__(self, x):
@@ -156,7 +165,7 @@ class ResNet(nn.Module):
     units = [STEM[0]] + [f'layer{stage + 1}_0' for stage in range(len(blocks))]
     last_frozen = max((i for i, u in enumerate(units) if frozen_module(u, self.frozen_stages)),
                       default=-1)
-    x = nn.relu(norm_layer(self.norm, 'bn1')(conv(64, 7, 2, 'conv1')(x)))
+    x = nn.relu(norm_layer(self.norm, 'bn1', self.dtype)(conv(64, 7, 2, 'conv1', self.dtype)(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if last_frozen == 0:
       x = jax.lax.stop_gradient(x)
@@ -167,7 +176,7 @@ class ResNet(nn.Module):
       for k in range(n):
         stride = 2 if (stage > 0 and k == 0) else 1
         needs_downsample = k == 0 and (stride != 1 or in_channels != out_channels)
-        x = block_cls(width, stride, needs_downsample, self.norm,
+        x = block_cls(width, stride, needs_downsample, self.norm, self.dtype,
                       name=f'layer{stage + 1}_{k}')(x)
         in_channels = out_channels
       if stage + 1 == last_frozen:

@@ -4,6 +4,7 @@ Projections and sampling-location arithmetic live here; the bilinear sampling it
 function `solq_jax.ops.ms_deform_attn.ms_deform_attn_core`, chosen by `impl`.
 """
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,11 +58,16 @@ class MSDeformAttn(nn.Module):
   n_heads: int
   n_points: int
   impl: str = 'xla'
+  dtype: Any = jnp.float32      # computation dtype of the projections and the sampled values
 
   @nn.compact
   def __call__(self, query, reference_points, input_flatten, spatial_shapes, padding_mask=None):
     """query `[B, Lq, D]`, reference_points `[B, Lq, L, 2|4]`, input_flatten `[B, S, D]`,
-    spatial_shapes static `((H_l, W_l), ...)`, padding_mask `[B, S]` (True = padding)."""
+    spatial_shapes static `((H_l, W_l), ...)`, padding_mask `[B, S]` (True = padding).
+
+    The four projections run in `dtype`; the softmax and the sampling locations are float32
+    (a bf16 location would be off by up to half a pixel on a 100-pixel map); the core samples
+    `dtype` values with `dtype` attention weights and accumulates in float32."""
     d, m, nl, p = self.d_model, self.n_heads, self.n_levels, self.n_points
     if d % m:
       raise ValueError(f'hidden_dim {d} must be divisible by nheads {m}')
@@ -70,7 +76,8 @@ class MSDeformAttn(nn.Module):
     b, lq, _ = query.shape
     s = input_flatten.shape[1]
     dense = lambda features, name, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros: (
-        nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, name=name))
+        nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+                 name=name))
     value = dense(d, 'value_proj')(input_flatten)
     if padding_mask is not None:
       value = jnp.where(padding_mask[..., None], 0.0, value)
@@ -78,10 +85,10 @@ class MSDeformAttn(nn.Module):
     # Two matmuls of the query: concatenating the kernels into one was slower on XLA:CPU.
     offsets = dense(m * nl * p * 2, 'sampling_offsets', nn.initializers.zeros,
                     constant_vector(sampling_offset_bias(m, nl, p)))(query)
-    offsets = offsets.reshape(b, lq, m, nl, p, 2)
+    offsets = offsets.reshape(b, lq, m, nl, p, 2).astype(jnp.float32)
     logits = dense(m * nl * p, 'attention_weights', nn.initializers.zeros)(query)
-    weights = jax.nn.softmax(logits.reshape(b, lq, m, nl * p), axis=-1)
-    weights = weights.reshape(b, lq, m, nl, p)
+    weights = jax.nn.softmax(logits.reshape(b, lq, m, nl * p).astype(jnp.float32), axis=-1)
+    weights = weights.reshape(b, lq, m, nl, p).astype(self.dtype)
     locations = sampling_locations_from_reference(reference_points, offsets, spatial_shapes)
     out = ms_deform_attn_core(value, tuple(spatial_shapes), locations, weights, impl=self.impl)
     return dense(d, 'output_proj')(out)

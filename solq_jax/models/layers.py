@@ -8,7 +8,7 @@ only of converted checkpoints) needs all three:
   * constants (zeros, the class prior, the box/vector bias quirk).
 """
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -69,11 +69,13 @@ class Conv2d(nn.Module):
   use_bias: bool = False
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32      # computation dtype; the parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     k, s = self.kernel_size, self.stride
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if k == 1:
       y = jnp.dot(x[:, ::s, ::s], kernel[0, 0])
     else:
@@ -81,7 +83,7 @@ class Conv2d(nn.Module):
       y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((pad, pad), (pad, pad)),
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
+      y = y + self.param('bias', self.bias_init, (self.features,)).astype(self.dtype)
     return y
 
 
@@ -95,17 +97,18 @@ class MLP(nn.Module):
   output_dim: int
   num_layers: int
   last_bias: Optional[np.ndarray] = None
+  dtype: Any = jnp.float32      # computation dtype of every layer (and of the output)
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     for j in range(self.num_layers):
       if j < self.num_layers - 1:
-        x = nn.relu(torch_dense(self.hidden_dim, fan_in, name=f'layers_{j}')(x))
+        x = nn.relu(torch_dense(self.hidden_dim, fan_in, name=f'layers_{j}', dtype=self.dtype)(x))
         fan_in = self.hidden_dim
       else:
         bias = (np.zeros((self.output_dim,), np.float32) if self.last_bias is None
                 else self.last_bias)
         x = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros,
-                     bias_init=constant_vector(bias), name=f'layers_{j}')(x)
+                     bias_init=constant_vector(bias), dtype=self.dtype, name=f'layers_{j}')(x)
     return x

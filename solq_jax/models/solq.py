@@ -5,6 +5,7 @@ class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vec
 layer at the top level and layers 0..L-2 in `aux_outputs`.
 """
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,8 @@ from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 PRIOR_PROB = 0.01
 GN_GROUPS = 32
 GN_EPS = 1e-5
+# config.model.dtype -> the computation dtype (parameters are float32 in either case).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class InputProj(nn.Module):
@@ -27,18 +30,26 @@ class InputProj(nn.Module):
   features: int
   kernel: int = 1
   stride: int = 1
+  dtype: Any = jnp.float32      # conv and output dtype; GroupNorm statistics stay float32
 
   @nn.compact
   def __call__(self, x):
     x = Conv2d(self.features, self.kernel, self.stride, use_bias=True,
-               kernel_init=xavier_uniform, name='conv')(x)
+               kernel_init=xavier_uniform, dtype=self.dtype, name='conv')(x)
     return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False,
-                        name='norm')(x)
+                        dtype=self.dtype, name='norm')(x)
 
 
 class SOLQ(nn.Module):
   """The whole network. The fields are those of the `model` config section of the same names
-  (configs/base.py says what each means); `build_model(config.model)` fills them."""
+  (configs/base.py says what each means); `build_model(config.model)` fills them.
+
+  `dtype` ('float32' | 'bfloat16') is the computation dtype of the backbone, the input
+  projections, the transformer layers and the heads; parameters, softmaxes, normalisation
+  statistics, reference points and boxes stay float32, and the outputs are float32. `remat`
+  (not a model-config field: `config.train.remat`, given to `build_model`) rematerialises the
+  transformer layers in the backward pass; it changes neither the parameters nor the values.
+  """
   backbone: str = 'resnet50'
   backbone_norm: str = 'frozen_bn'
   backbone_frozen_stages: int = 1
@@ -57,9 +68,14 @@ class SOLQ(nn.Module):
   vector_hidden_dim: int = 1024
   num_coeffs: int = 256
   attention_impl: str = 'xla'
+  dtype: str = 'float32'
+  remat: str = 'none'
 
   def setup(self):
     d = self.hidden_dim
+    if self.dtype not in DTYPES:
+      raise ValueError(f'config.model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}')
+    dtype = DTYPES[self.dtype]
     if d % GN_GROUPS:
       raise ValueError(f'config.model.hidden_dim={d} must be a multiple of {GN_GROUPS} '
                        '(GroupNorm groups)')
@@ -70,24 +86,25 @@ class SOLQ(nn.Module):
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
                        f'(layer2..4 plus extra levels), got {self.num_feature_levels}')
     self.body = ResNet(self.backbone, norm=self.backbone_norm,
-                       frozen_stages=self.backbone_frozen_stages, name='backbone')
+                       frozen_stages=self.backbone_frozen_stages, dtype=dtype, name='backbone')
     n_backbone = self.num_backbone_levels
-    self.input_proj = [InputProj(d, 1, 1) if l < n_backbone else InputProj(d, 3, 2)
+    self.input_proj = [InputProj(d, 1, 1, dtype) if l < n_backbone else InputProj(d, 3, 2, dtype)
                        for l in range(self.num_feature_levels)]
     self.transformer = DeformableTransformer(
         d_model=d, n_heads=self.nheads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         d_ffn=self.dim_feedforward, dropout=self.dropout, n_levels=self.num_feature_levels,
         enc_n_points=self.enc_n_points, dec_n_points=self.dec_n_points,
-        impl=self.attention_impl)
+        impl=self.attention_impl, dtype=dtype, remat=self.remat)
     n_heads = self.dec_layers if self.with_box_refine else 1
     class_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
     self.class_embed = [
-        torch_dense(self.num_classes, d, bias_init=nn.initializers.constant(class_bias))
+        torch_dense(self.num_classes, d, bias_init=nn.initializers.constant(class_bias),
+                    dtype=dtype)
         for _ in range(n_heads)]
-    self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 else None)
+    self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 else None, dtype)
                        for i in range(n_heads)]
     self.vector_embed = MLP(self.vector_hidden_dim, self.num_coeffs, 3,
-                            box_bias_quirk(self.num_coeffs))
+                            box_bias_quirk(self.num_coeffs), dtype)
     self.query_embed = nn.Embed(self.num_queries, 2 * d,
                                 embedding_init=nn.initializers.normal(1.0))
 
@@ -125,9 +142,13 @@ class SOLQ(nn.Module):
     outputs = []
     for l, h in enumerate(hs):
       head = l if self.with_box_refine else 0
-      box = boxes[l] if self.with_box_refine else refine_boxes(self.bbox_embed[0](h), references[l])
-      outputs.append({'pred_logits': self.class_embed[head](h), 'pred_boxes': box,
-                      'pred_vectors': self.vector_embed(h)})
+      box = (boxes[l] if self.with_box_refine else
+             refine_boxes(self.bbox_embed[0](h).astype(jnp.float32), references[l]))
+      # The heads compute in the model's dtype; everything downstream (matching, losses, mask
+      # coding, post-processing) reads float32.
+      outputs.append({'pred_logits': self.class_embed[head](h).astype(jnp.float32),
+                      'pred_boxes': box,
+                      'pred_vectors': self.vector_embed(h).astype(jnp.float32)})
     out = dict(outputs[-1])
     out['aux_outputs'] = outputs[:-1]
     return out

@@ -4,7 +4,7 @@ Token layout: levels flattened in order, each row-major, `[B, S, D]`. Reference 
 normalised (x, y) of the padded map; valid ratios are `(valid_W / W, valid_H / H)`, w first.
 """
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,15 +16,34 @@ from solq_jax.models.dropout import Dropout
 from solq_jax.models.layers import torch_linear_bias, xavier_uniform
 
 LN_EPS = 1e-5
-
-def layer_norm(name):
-  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+REMAT_CHOICES = ('none', 'encoder', 'decoder', 'all')
 
 
-def ffn_linear(features, fan_in, name):
+def layer_norm(name, dtype=jnp.float32):
+  """LayerNorm with float32 statistics (Flax reduces in at least float32), output in `dtype`."""
+  return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def ffn_linear(features, fan_in, name, dtype=jnp.float32):
   """Transformer linear: xavier kernel (transformer reset), torch-default bias."""
   return nn.Dense(features, kernel_init=xavier_uniform, bias_init=torch_linear_bias(fan_in),
-                  name=name)
+                  dtype=dtype, name=name)
+
+
+# Rematerialisation of a transformer layer saves nothing but the layer's inputs and recomputes
+# its forward during the backward pass. The large activations of a layer are exactly the outputs
+# of its matrix products (value projection, sampling offsets, attention logits, the FFN's hidden
+# layer over every token), so a policy that keeps the products (`dots_saveable`) would keep most
+# of the memory that remat is meant to free; the price is one more forward of the layer.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
+
+def maybe_remat(layer_cls, remat: bool, static_argnums):
+  """`layer_cls`, or its `nn.remat` (same parameter names) when `remat`; `static_argnums`
+  count `self` as 0 (the spatial shapes and the `train` flag)."""
+  if not remat:
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICY, static_argnums=static_argnums)
 
 
 def valid_ratios(masks):
@@ -69,19 +88,24 @@ class _Layer(nn.Module):
   n_heads: int
   n_points: int
   impl: str = 'xla'
+  dtype: Any = jnp.float32      # computation dtype; LayerNorm statistics stay float32
 
   def drop(self, x, train):
     return Dropout(self.dropout)(x, not train)
 
+  def norm(self, name):
+    return layer_norm(name, self.dtype)
+
   def deformable_attention(self, name):
     return MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, self.impl,
-                        name=name)
+                        self.dtype, name=name)
 
   def ffn(self, x, norm_name, train):
     """x -> LN(x + drop(W2 drop(relu(W1 x))))."""
-    hidden = self.drop(nn.relu(ffn_linear(self.d_ffn, self.d_model, 'linear1')(x)), train)
-    return layer_norm(norm_name)(
-        x + self.drop(ffn_linear(self.d_model, self.d_ffn, 'linear2')(hidden), train))
+    hidden = self.drop(nn.relu(ffn_linear(self.d_ffn, self.d_model, 'linear1', self.dtype)(x)),
+                       train)
+    return self.norm(norm_name)(
+        x + self.drop(ffn_linear(self.d_model, self.d_ffn, 'linear2', self.dtype)(hidden), train))
 
 
 class EncoderLayer(_Layer):
@@ -90,7 +114,7 @@ class EncoderLayer(_Layer):
   @nn.compact
   def __call__(self, src, pos, reference_points, spatial_shapes, padding_mask, train):
     attn = self.deformable_attention('self_attn')
-    src = layer_norm('norm1')(src + self.drop(
+    src = self.norm('norm1')(src + self.drop(
         attn(src + pos, reference_points, src, spatial_shapes, padding_mask), train))
     return self.ffn(src, 'norm2', train)
 
@@ -104,6 +128,7 @@ class MultiheadAttention(nn.Module):
   d_model: int
   n_heads: int
   dropout: float
+  dtype: Any = jnp.float32      # projections in `dtype`, the softmax in float32
 
   @nn.compact
   def __call__(self, query, key, value, train):
@@ -112,13 +137,15 @@ class MultiheadAttention(nn.Module):
     packed_init = lambda k, shape, dtype=jnp.float32: jax.random.uniform(
         k, shape, dtype, -bound, bound)
     proj = lambda name, init=packed_init: nn.Dense(d, kernel_init=init,
-                                                   bias_init=nn.initializers.zeros, name=name)
+                                                   bias_init=nn.initializers.zeros,
+                                                   dtype=self.dtype, name=name)
     b, lq, _ = query.shape
     heads = lambda x: x.reshape(b, x.shape[1], m, d // m)
     q = heads(proj('query')(query)) * (1.0 / math.sqrt(d // m))
     k = heads(proj('key')(key))
     v = heads(proj('value')(value))
-    weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k), axis=-1)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = Dropout(self.dropout)(weights, not train)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, lq, d)
     return proj('out', xavier_uniform)(out)
@@ -132,10 +159,11 @@ class DecoderLayer(_Layer):
   def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask,
                train):
     q = tgt + query_pos
-    tgt = layer_norm('norm2')(tgt + self.drop(MultiheadAttention(
-        self.d_model, self.n_heads, self.dropout, name='self_attn')(q, q, tgt, train), train))
+    tgt = self.norm('norm2')(tgt + self.drop(MultiheadAttention(
+        self.d_model, self.n_heads, self.dropout, self.dtype, name='self_attn')(q, q, tgt, train),
+        train))
     cross = self.deformable_attention('cross_attn')
-    tgt = layer_norm('norm1')(tgt + self.drop(
+    tgt = self.norm('norm1')(tgt + self.drop(
         cross(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask), train))
     return self.ffn(tgt, 'norm3', train)
 
@@ -143,12 +171,14 @@ class DecoderLayer(_Layer):
 class Encoder(nn.Module):
   num_layers: int
   layer_kwargs: dict
+  remat: bool = False           # rematerialise every layer (REMAT_POLICY)
 
   @nn.compact
   def __call__(self, src, pos, spatial_shapes, ratios, padding_mask, train):
     reference_points = encoder_reference_points(spatial_shapes, ratios)
+    layer_cls = maybe_remat(EncoderLayer, self.remat, static_argnums=(4, 6))
     for i in range(self.num_layers):
-      src = EncoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+      src = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
           src, pos, reference_points, spatial_shapes, padding_mask, train)
     return src
 
@@ -160,25 +190,28 @@ class Decoder(nn.Module):
   outputs, or None (no refinement: every layer keeps the initial 2-d reference). Returns
   `(hs, references, boxes)`: per layer the output, the reference it read, and (with refinement)
   `refine_boxes(head(hs_l), reference_l)`, whose stop-gradient is the next layer's reference.
+  The references and boxes are float32 whatever the layers' dtype.
   """
   num_layers: int
   layer_kwargs: dict
+  remat: bool = False           # rematerialise every layer (REMAT_POLICY)
 
   @nn.compact
   def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, ratios,
                padding_mask, train, bbox_embed: Optional[Sequence[Callable]] = None):
     hs, references, boxes = [], [], []
+    layer_cls = maybe_remat(DecoderLayer, self.remat, static_argnums=(5, 7))
     for i in range(self.num_layers):
       if reference_points.shape[-1] == 4:
         ref_input = reference_points[:, :, None] * jnp.concatenate([ratios, ratios], -1)[:, None]
       else:
         ref_input = reference_points[:, :, None] * ratios[:, None]
-      tgt = DecoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+      tgt = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
           tgt, query_pos, ref_input, memory, spatial_shapes, padding_mask, train)
       hs.append(tgt)
       references.append(reference_points)
       if bbox_embed is not None:
-        boxes.append(refine_boxes(bbox_embed[i](tgt), reference_points))
+        boxes.append(refine_boxes(bbox_embed[i](tgt).astype(jnp.float32), reference_points))
         reference_points = jax.lax.stop_gradient(boxes[-1])
     return hs, references, boxes
 
@@ -192,6 +225,9 @@ class DeformableTransformer(nn.Module):
   """Flattens the levels, runs the encoder, splits the queries and runs the decoder.
 
   `encode` and `decode` are also usable on their own (e.g. to time or inspect the stages).
+  `dtype`: the layers' computation dtype (position encodings and queries are cast to it; the
+  reference points stay float32). `remat`: 'none' | 'encoder' | 'decoder' | 'all', the layers
+  rematerialised in the backward pass.
   """
   d_model: int
   n_heads: int
@@ -203,14 +239,21 @@ class DeformableTransformer(nn.Module):
   enc_n_points: int
   dec_n_points: int
   impl: str = 'xla'
+  dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f'config.train.remat must be one of {REMAT_CHOICES}, got {self.remat!r}')
     common = dict(d_model=self.d_model, d_ffn=self.d_ffn, dropout=self.dropout,
-                  n_levels=self.n_levels, n_heads=self.n_heads, impl=self.impl)
+                  n_levels=self.n_levels, n_heads=self.n_heads, impl=self.impl,
+                  dtype=self.dtype)
     self.level_embed = self.param('level_embed', nn.initializers.normal(1.0),
                                   (self.n_levels, self.d_model))
-    self.encoder = Encoder(self.enc_layers, dict(common, n_points=self.enc_n_points))
-    self.decoder = Decoder(self.dec_layers, dict(common, n_points=self.dec_n_points))
+    self.encoder = Encoder(self.enc_layers, dict(common, n_points=self.enc_n_points),
+                           self.remat in ('encoder', 'all'))
+    self.decoder = Decoder(self.dec_layers, dict(common, n_points=self.dec_n_points),
+                           self.remat in ('decoder', 'all'))
     self.reference_points = nn.Dense(2, kernel_init=xavier_uniform,
                                      bias_init=nn.initializers.zeros)
 
@@ -218,8 +261,8 @@ class DeformableTransformer(nn.Module):
     """srcs / pos_embeds `[B, H_l, W_l, D]`, masks `[B, H_l, W_l]` -> memory `[B, S, D]`."""
     spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
     pos_flat = flatten_levels([p + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)])
-    return self.encoder(flatten_levels(srcs), pos_flat, spatial_shapes, valid_ratios(masks),
-                        flatten_levels(masks), train)
+    return self.encoder(flatten_levels(srcs).astype(self.dtype), pos_flat.astype(self.dtype),
+                        spatial_shapes, valid_ratios(masks), flatten_levels(masks), train)
 
   def decode(self, memory, masks, query_embed, train, bbox_embed=None):
     """memory `[B, S, D]`, per-level masks, query_embed `[Q, 2D]` -> (hs, references, boxes)."""
@@ -228,9 +271,10 @@ class DeformableTransformer(nn.Module):
     spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
     query_pos = jnp.broadcast_to(query_embed[:, :d], (b,) + query_embed[:, :d].shape)
     tgt = jnp.broadcast_to(query_embed[:, d:], (b,) + query_embed[:, d:].shape)
-    reference_points = jax.nn.sigmoid(self.reference_points(query_pos))
-    return self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes,
-                        valid_ratios(masks), flatten_levels(masks), train, bbox_embed)
+    reference_points = jax.nn.sigmoid(self.reference_points(query_pos))   # float32
+    return self.decoder(tgt.astype(self.dtype), query_pos.astype(self.dtype), reference_points,
+                        memory.astype(self.dtype), spatial_shapes, valid_ratios(masks),
+                        flatten_levels(masks), train, bbox_embed)
 
   def __call__(self, srcs, masks, pos_embeds, query_embed, train, bbox_embed=None):
     memory = self.encode(srcs, masks, pos_embeds, train)

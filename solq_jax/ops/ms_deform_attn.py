@@ -26,10 +26,34 @@ from kernels.bilinear import accumulation_dtype, bilinear_taps, bilinear_taps_xy
 from solq_jax import sharding
 
 IMPLS = ('xla', 'pallas', 'auto')
-# Output-gradient bytes per step of the backward scan: the chunk holds this many bytes of
-# `[B, chunk, M, Dh]` f32. Small chunks keep each step's temporaries in cache; the measured
-# chunk sizes are in benchmarks/README.md.
-BACKWARD_CHUNK_BYTES = 64 * 1024
+# Output-gradient bytes per step of the backward scan, per backend: the chunk holds this many
+# bytes of `[B, chunk, M, Dh]` f32. A step's temporaries (tap tables, gathered products, the
+# scatter-add updates) are about 120 times the chunk's output gradient. XLA:CPU runs the step's
+# fusions on a core at a time and is fastest when they stay in cache (64 KiB: a few MB of
+# temporaries; the measured chunk sizes are in benchmarks/README.md). GPU and TPU pay a fixed
+# launch/step cost per scan step instead, so they take chunks 32 times larger: a few hundred MB
+# of temporaries per step (small beside a 16 GB device) and tens of steps instead of thousands
+# for the R50 encoder. Chosen at trace time from `jax.default_backend()`; other backends get the
+# CPU value, the smallest temporaries.
+BACKWARD_CHUNK_BYTES = {
+    'cpu': 64 * 1024,
+    'gpu': 2 * 1024 * 1024,
+    'tpu': 2 * 1024 * 1024,
+}
+
+
+def backward_chunk_bytes(backend=None):
+  """The backward scan's output-gradient bytes per step for `backend` (default: the current
+  default backend, read when the backward is traced)."""
+  backend = backend or jax.default_backend()
+  return BACKWARD_CHUNK_BYTES.get(backend, BACKWARD_CHUNK_BYTES['cpu'])
+
+
+def backward_chunk(value_shape, backend=None):
+  """Queries per backward scan step for a `[B, S, M, Dh]` value: as many as fill
+  `backward_chunk_bytes(backend)` of f32 output gradient, at least 8."""
+  b, _, m, dh = value_shape
+  return max(8, backward_chunk_bytes(backend) // (4 * b * m * dh))
 
 
 def check_inputs(value, spatial_shapes, sampling_locations, attention_weights):
@@ -147,12 +171,14 @@ def fused_backward(value, shapes, sampling_locations, attention_weights, grad_ou
   with its x and y derivatives, reduced over channels for all samples at once; and one
   scatter-add of every tap's weighted output gradient into the value gradient (in place,
   deterministic on CPU). Small chunks keep each chunk's temporaries in cache: `chunk` queries
-  per step, by default as many as fill `BACKWARD_CHUNK_BYTES` of output gradient.
+  per step, by default `backward_chunk(value.shape)` (per backend). The chunk changes the
+  order of nothing but the scatter-adds into the value gradient: values are equal up to
+  float rounding of that sum.
   """
   b, s, m, dh = value.shape
   lq, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
   if chunk is None:
-    chunk = max(8, BACKWARD_CHUNK_BYTES // (4 * b * m * dh))
+    chunk = backward_chunk(value.shape)
   chunk = min(chunk, lq)
   value, sampling_locations, attention_weights, grad_out = _materialise(
       value, sampling_locations, attention_weights, grad_out)

@@ -52,7 +52,7 @@ class Trainer:
     sharding.check_batch_size(t.batch_size, self.mesh)
     step_lib.check_grad_accum(t.grad_accum_steps, t.batch_size, self.mesh.size)
     step_lib.check_ema_decay(t.ema_decay)
-    self.model = models.build_model(config.model)
+    self.model = models.build_model(config.model, remat=config.train.remat)
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
     self.criterion = losses.criterion_from_config(config.loss, self.coder)
     self.data = data_lib.train_pipeline(config, self.coder)

@@ -8,7 +8,6 @@ official SOLQ `.pth`; omitted: random weights (benchmarking only).
 """
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

@@ -176,7 +176,7 @@ def fused_backward(value, shapes, sampling_locations, attention_weights, grad_ou
   float rounding of that sum.
   """
   b, s, m, dh = value.shape
-  lq, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+  lq = sampling_locations.shape[1]
   if chunk is None:
     chunk = backward_chunk(value.shape)
   chunk = min(chunk, lq)

@@ -24,6 +24,8 @@ import os
 import pathlib
 from typing import Any, Optional, Tuple
 
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from solq_jax.weights import store
@@ -119,6 +121,9 @@ class Checkpointer:
     if step not in steps:
       raise CheckpointError(f'train.resume_from_step={step}: no such step in {self.directory} '
                             f'(complete steps: {steps})')
+    if jax.process_index() != 0:   # one process moves the folders; the others wait for it
+      multihost_utils.sync_global_devices('solq_jax checkpoint: newer steps moved aside')
+      return
     for later in (s for s in steps if s > step):
       target = self.directory / f'_discarded_step_{later}'
       n = 1
@@ -126,9 +131,16 @@ class Checkpointer:
         target, n = self.directory / f'_discarded_step_{later}_{n}', n + 1
       os.rename(self.directory / str(later), target)
       log.warning('train.resume_from_step=%d: moved step %d aside to %s', step, later, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('solq_jax checkpoint: newer steps moved aside')
 
   def _write_checksums(self) -> None:
-    """Checksums of the saves orbax has finished (called after `wait_until_finished`)."""
+    """Checksums of the saves orbax has finished (called after `wait_until_finished`). Every
+    process of a multi-process run shares the directory: process 0 alone writes them (orbax
+    has committed the step, every process's files included, when its wait returns)."""
+    if jax.process_index() != 0:
+      self._unchecked = []
+      return
     for step in self._unchecked:
       step_dir = self.directory / str(step)
       if step_dir.is_dir():   # max_to_keep may have removed it already

@@ -50,19 +50,26 @@ def test_forward_bfloat16_accumulates_in_float32():
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=8e-3, atol=8e-3)
 
 
+def _pallas_and_xla_gradients(value, loc, attn, cotangent):
+  """Gradients of `sum(core(...) * cotangent)` w.r.t. value, locations and weights, for the
+  Pallas kernel (interpret mode) and the XLA core."""
+  def loss(core):
+    return lambda v, l, a: jnp.sum(core(v, LEVELS, l, a).astype(jnp.float32) * cotangent)
+
+  pallas_core = lambda v, s, l, a: kernel.ms_deform_attn_pallas(v, s, l, a, interpret=True)
+  got = jax.jit(jax.grad(loss(pallas_core), argnums=(0, 1, 2)))(value, loc, attn)
+  expected = jax.jit(jax.grad(loss(msda.ms_deform_attn_xla), argnums=(0, 1, 2)))(
+      value, loc, attn)
+  return got, expected
+
+
 def test_gradients_match_xla_core():
   """All three gradients vs jax.grad of the XLA core. Interpret mode is faithful here: the
   backward uses one query per program, so no atomic add repeats an index within a call."""
   value, loc, attn, cotangent = random_inputs(2, batch=3, queries=3, heads=2, head_dim=48,
                                               points=1)
 
-  def loss(core):
-    return lambda v, l, a: jnp.sum(core(v, LEVELS, l, a) * cotangent)
-
-  pallas_core = lambda v, s, l, a: kernel.ms_deform_attn_pallas(v, s, l, a, interpret=True)
-  got = jax.jit(jax.grad(loss(pallas_core), argnums=(0, 1, 2)))(value, loc, attn)
-  expected = jax.jit(jax.grad(loss(msda.ms_deform_attn_xla), argnums=(0, 1, 2)))(
-      value, loc, attn)
+  got, expected = _pallas_and_xla_gradients(value, loc, attn, cotangent)
   for name, g, e in zip(('value', 'locations', 'weights'), got, expected):
     assert g.shape == e.shape, name
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
@@ -76,13 +83,7 @@ def test_bfloat16_gradients_match_xla_core():
                                               points=1)
   value, attn = jnp.asarray(value, jnp.bfloat16), jnp.asarray(attn, jnp.bfloat16)
 
-  def loss(core):
-    return lambda v, l, a: jnp.sum(core(v, LEVELS, l, a).astype(jnp.float32) * cotangent)
-
-  pallas_core = lambda v, s, l, a: kernel.ms_deform_attn_pallas(v, s, l, a, interpret=True)
-  got = jax.jit(jax.grad(loss(pallas_core), argnums=(0, 1, 2)))(value, loc, attn)
-  expected = jax.jit(jax.grad(loss(msda.ms_deform_attn_xla), argnums=(0, 1, 2)))(
-      value, loc, attn)
+  got, expected = _pallas_and_xla_gradients(value, loc, attn, cotangent)
   for name, g, e in zip(('value', 'locations', 'weights'), got, expected):
     assert g.dtype == e.dtype, name
     g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)

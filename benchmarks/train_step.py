@@ -54,8 +54,10 @@ def apply_overrides(config, overrides):
   return config
 
 
-def random_batch(config, batch, side, seed=0):
+def random_batch(config, batch, height, width=None, seed=0):
+  """A batch of `batch` random images of height x width with 10 random objects each."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  width = width or height
   rng = np.random.default_rng(seed)
   g, k = config.data.max_gt, config.model.num_coeffs
   n = min(10, g)
@@ -64,16 +66,19 @@ def random_batch(config, batch, side, seed=0):
   cxcy = rng.uniform(0.2, 0.8, (batch, g, 2))
   wh = rng.uniform(0.05, 0.3, (batch, g, 2))
   boxes = np.concatenate([cxcy, wh], -1).astype(np.float32)
-  return dict(images=rng.standard_normal((batch, side, side, 3)).astype(np.float32),
-              pad_mask=np.zeros((batch, side, side), bool),
+  return dict(images=rng.standard_normal((batch, height, width, 3)).astype(np.float32),
+              pad_mask=np.zeros((batch, height, width), bool),
               labels=rng.integers(1, config.model.num_classes, (batch, g)).astype(np.int32),
               boxes=boxes, vectors=rng.standard_normal((batch, g, k)).astype(np.float32),
               valid=valid)
 
 
-def measure(config, devices, batch, side, runs):
+def build(config, mesh, abstract=False):
+  """(jitted step, state, step kwargs) of `config` on `mesh`: random weights, the real optimiser,
+  criterion and EMA/accumulation settings; `abstract`: the state as ShapeDtypeStructs (for
+  lowering and compiling without allocating it). Call and lower the step inside
+  `sharding.mesh_context(mesh)` (and not this call: the model initialises on one batch row)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from solq_jax import losses  # pylint: disable=g-import-not-at-top
   from solq_jax import masks  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
@@ -81,16 +86,34 @@ def measure(config, devices, batch, side, runs):
   from solq_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
-  mesh = sharding.make_mesh(devices)
   model = models.build_model(config.model, remat=config.train.remat)
-  variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0)))
+  init = lambda: models.init_variables(model, jax.random.PRNGKey(0))
+  variables = jax.eval_shape(init) if abstract else jax.device_get(init())
   tx = optimizer_lib.build_optimizer(config.train, variables['params'], 1000,
                                      config.model.backbone_frozen_stages)
   schedule = optimizer_lib.group_schedules(config.train, 1000)[optimizer_lib.DEFAULT]
-  state = sharding.replicate(state_lib.create(variables, tx, jax.random.PRNGKey(1)), mesh)
+  ema, rng = config.train.ema_decay > 0, jax.random.PRNGKey(1)
+  if abstract:  # create() copies on the host, so its shapes come from a state without EMA
+    state = jax.eval_shape(lambda v: state_lib.create(v, tx, rng), variables)
+    state = sharding.abstract_state(state.replace(ema_params=state.params if ema else None), mesh)
+  else:
+    state = sharding.replicate(state_lib.create(variables, tx, rng, ema=ema), mesh)
   criterion = losses.criterion_from_config(config.loss, masks.build_coder(config.model))
-  step = step_lib.make_train_step(model, tx, mesh, criterion, schedule)
+  step = step_lib.train_step_fn(model, tx, criterion, schedule,
+                                grad_accum_steps=config.train.grad_accum_steps,
+                                ema_decay=config.train.ema_decay)
+  jitted = jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=(sharding.replicated(mesh),) * 2, donate_argnums=(0,))
+  return jitted, state
+
+
+def measure(config, devices, batch, side, runs):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from solq_jax import sharding  # pylint: disable=g-import-not-at-top
+  import timing  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py; imports jax)
+  mesh = sharding.make_mesh(devices)
+  step, state = build(config, mesh)
+  step = sharding.under_mesh(mesh, step)
   data = sharding.shard_batch(random_batch(config, batch, side), mesh)
   carry = {'state': state}
 

@@ -1,5 +1,6 @@
 """weights.load: every kind of path -> variables, the one model-config check, read-only use of
 a training run's checkpoint directory."""
+import json
 import os
 
 import jax
@@ -132,3 +133,17 @@ def test_use_ema_loads_the_weight_ema_of_a_training_checkpoint(tiny_config, tmp_
                weights.load(str(no_ema), tiny_config.model, use_ema=True), VARIABLES)
   with pytest.raises(ValueError, match='config.eval.use_ema'):
     weights.load(str(no_ema), tiny_config.model, use_ema='yes')
+
+
+def test_resume_check_ignores_only_the_compute_fields(tiny_config):
+  """A run resumes in another compute dtype or attention core; any other field still refuses."""
+  saved = json.loads(tiny_config.model.to_json())
+  other = tiny_config.model.copy_and_resolve_references()
+  other.dtype, other.attention_impl = 'bfloat16', 'pallas'
+  store.check_model_config(saved, other, 'run', fields=None, ignore=store.COMPUTE_FIELDS)
+  with pytest.raises(weights.ModelConfigMismatch, match='dtype'):
+    store.check_model_config(saved, other, 'run', fields=None)
+  other.enc_n_points = 2
+  with pytest.raises(weights.ModelConfigMismatch, match='enc_n_points') as e:
+    store.check_model_config(saved, other, 'run', fields=None, ignore=store.COMPUTE_FIELDS)
+  assert 'dtype' not in str(e.value)

@@ -175,9 +175,9 @@ class Checkpointer:
       raise CheckpointError(f'cannot read the metadata of checkpoint {path}: {e}') from e
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
       raise CheckpointError(f'{path} is not a solq-jax train checkpoint (meta: {meta!r:.200})')
-    try:   # a resumed run continues only under the very same model config
+    try:   # a resumed run continues only under the same model config (but its compute fields)
       store.check_model_config(meta.get('model'), self.model_config, f'checkpoint {path}',
-                               fields=None)
+                               fields=None, ignore=store.COMPUTE_FIELDS)
     except store.ModelConfigMismatch as e:
       raise CheckpointError(f'{e}; use another --workdir or the same model config') from None
     try:

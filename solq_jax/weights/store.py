@@ -38,6 +38,11 @@ ARCHITECTURE_FIELDS = (
     'mask_size')
 
 
+# Fields that choose how the same parameters are computed, not what they are: a run may resume
+# under other values (a float32 CPU run continued in bfloat16 on GPUs with the Pallas core).
+COMPUTE_FIELDS = ('dtype', 'attention_impl')
+
+
 class ModelConfigMismatch(ValueError):
   """Stored variables were made for another model config."""
 
@@ -53,14 +58,16 @@ def architecture(model_config) -> dict:
   return {k: v for k, v in model_config_dict(model_config).items() if k in ARCHITECTURE_FIELDS}
 
 
-def check_model_config(saved: dict, model_config, source, fields=ARCHITECTURE_FIELDS) -> None:
+def check_model_config(saved: dict, model_config, source, fields=ARCHITECTURE_FIELDS,
+                       ignore=()) -> None:
   """Raises `ModelConfigMismatch` naming `source` and every differing field with its
-  (stored, config) values. `fields`: the fields compared (None: every field of either side)."""
+  (stored, config) values. `fields`: the fields compared (None: every field of either side
+  but those in `ignore`)."""
   current = model_config_dict(model_config)
   saved = dict(saved or {})
   # With `fields`, a field the record does not hold is not compared: directories converted
   # before a field joined ARCHITECTURE_FIELDS stay loadable.
-  names = set(saved) | set(current) if fields is None else set(fields) & set(saved)
+  names = (set(saved) | set(current)) - set(ignore) if fields is None else set(fields) & set(saved)
   diff = {k: (saved.get(k), current.get(k)) for k in sorted(names)
           if saved.get(k) != current.get(k)}
   if diff:

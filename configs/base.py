@@ -10,11 +10,14 @@ import ml_collections
 def model_config() -> ml_collections.ConfigDict:
   """The network (solq_jax.models) and its mask coder (solq_jax.masks)."""
   return ml_collections.ConfigDict(dict(
-      backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101
+      backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101 | swin_t|s|b|l
       # Training from scratch (no pretrained weights): 'group_norm' trains a GroupNorm where the
       # official model has frozen batch norm, and 0 frozen stages trains the stem and layer1 too.
       backbone_norm='frozen_bn',    # frozen_bn (official; torchvision/official weights) | group_norm
       backbone_frozen_stages=1,     # official: stem + layer1 frozen; 0..4
+      # Swin: the official frozen_stages instead (-1..5; -1 none, SOLQ's setting) and stochastic
+      # depth (official 0.2 for swin_t/s, 0.3 for swin_b/l); ResNets ignore drop_path_rate.
+      drop_path_rate=0.2,
       hidden_dim=384,               # d_model (official SOLQ uses 384, not 256)
       nheads=8,
       enc_layers=6,

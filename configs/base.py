@@ -143,8 +143,9 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
-      # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all):
-      # their activations are recomputed instead of stored, for ~one more forward of those layers.
+      # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all;
+      # backbone: each Swin block, also in all): their activations are recomputed instead of
+      # stored, for ~one more forward of those layers.
       # Same parameters, values and gradients; here, not in `model`, because it is how a run
       # trains, not what a checkpoint holds (build_model(config.model, remat=config.train.remat)).
       remat='none',

@@ -54,7 +54,9 @@ def _stub_modules():
   module('detectron2.utils.memory', retry_if_cuda_oom=lambda f: f)
 
 
-def build_official(official: str):
+def build_official(official: str, variant: str = 'swin_t_p4w7', shapes=None):
+  """The official SOLQ (box refinement, vectors) with the Swin `variant` and the transformer
+  and head sizes of `shapes` (default: TINY)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   torchvision.__version__ = '0.99.0'    # util/misc.py parses the first three characters
@@ -78,9 +80,9 @@ def build_official(official: str):
   from models.deformable_transformer import DeformableTransformer  # pylint: disable=g-import-not-at-top
   from models.solq import SOLQ  # pylint: disable=g-import-not-at-top
   from models.dct import ProcessorDCT  # pylint: disable=g-import-not-at-top
-  t = TINY
+  t = shapes or TINY
   args = argparse.Namespace(hidden_dim=t['hidden_dim'], position_embedding='sine',
-                            backbone='swin_t_p4w7', checkpoint=False, pretrained=None)
+                            backbone=variant, checkpoint=False, pretrained=None)
   backbone = build_swin_backbone(args)
   transformer = DeformableTransformer(
       d_model=t['hidden_dim'], nhead=t['nheads'], num_encoder_layers=t['enc_layers'],

@@ -80,6 +80,16 @@ def make_state_dict(shapes: dict, seed: int = SEED) -> dict:
   return {k: make_tensor(k, s, seed) for k, s in shapes.items()}
 
 
+def check_generators(ref: dict, weights, images) -> None:
+  """Refuses a drifted generator: the abs-sum of the regenerated `weights` (arrays) and the sum
+  of `images` must equal the fixture's `check/*` entries."""
+  np.testing.assert_allclose(sum(np.abs(v.astype(np.float64)).sum() for v in weights),
+                             ref['check/weights_abs_sum'], rtol=1e-12,
+                             err_msg='the parity weights changed: regenerate the fixture')
+  np.testing.assert_allclose(images.astype(np.float64).sum(), ref['check/images_sum'],
+                             rtol=1e-12, err_msg='the parity inputs changed')
+
+
 def make_inputs(seed: int = SEED, image_sizes=IMAGE_SIZES):
   """Normalised images of `image_sizes` (h, w) padded bottom/right into one batch.
 

@@ -15,6 +15,8 @@ Two knobs exist for training WITHOUT pretrained weights (the CPU demo): `norm='g
 replaces every frozen batch norm with a trained GroupNorm (same module names, its scale and bias
 in `params`), because a random ResNet behind identity batch norms is unnormalised; and
 `frozen_stages` (official 1: stem + layer1) sets how many stages get no gradient (0 = none).
+
+The Swin bodies live in `swin.py`; `frozen_module` and `backbone_channels` answer for both.
 """
 from typing import Any
 

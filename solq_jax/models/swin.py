@@ -213,24 +213,6 @@ class PatchMerging(nn.Module):
     return _dense(2 * c, 'reduction', self.dtype, use_bias=False)(x)
 
 
-class PatchProjection(nn.Module):
-  """torch's `Conv2d(cin, C, kernel=p, stride=p)` (kernel HWIO, bias) on non-overlapping patches:
-  a matrix product of the flattened patches."""
-  features: int
-  patch: int = PATCH_SIZE
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, cin = x.shape
-    p = self.patch
-    x = x.reshape(b, h // p, p, w // p, p, cin).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, h // p, w // p, p * p * cin)
-    kernel = self.param('kernel', torch_linear_kernel, (p, p, cin, self.features))
-    bias = self.param('bias', torch_linear_bias(p * p * cin), (self.features,))
-    return x @ kernel.reshape(p * p * cin, -1).astype(self.dtype) + bias.astype(self.dtype)
-
-
 class PatchEmbed(nn.Module):
   """The image zero-padded bottom/right to a multiple of `patch`, patches embedded (`proj`),
   then LayerNorm (`norm`)."""
@@ -243,7 +225,10 @@ class PatchEmbed(nn.Module):
     _, h, w, _ = x.shape
     p = self.patch
     x = jnp.pad(x, ((0, 0), (0, -h % p), (0, -w % p), (0, 0))).astype(self.dtype)
-    x = PatchProjection(self.embed_dim, p, self.dtype, name='proj')(x)
+    # torch's Conv2d(3, C, kernel p, stride p): kernel HWIO and bias, torch's default init.
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID',
+                kernel_init=torch_linear_kernel, bias_init=torch_linear_bias(p * p * x.shape[-1]),
+                dtype=self.dtype, name='proj')(x)
     return layer_norm('norm', self.dtype)(x)
 
 

@@ -165,3 +165,17 @@ def test_remat_per_block_keeps_values_and_gradients(params):
   remat = swin.SwinTransformer(SMALL, remat=True)
   jaxpr = str(jax.make_jaxpr(lambda p: remat.apply({'params': p}, IMAGES))(params))
   assert len(re.findall(r'\b(?:checkpoint|remat2?)\[', jaxpr)) == sum(SMALL_LAYOUT[1])
+
+
+@pytest.mark.parametrize('field, value', [('backbone_norm', 'group_norm'),
+                                          ('drop_path_rate', 1.0)])
+def test_bad_swin_config_values_are_named(field, value):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from solq_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.backbone = SMALL
+  config.model.backbone_frozen_stages = -1
+  config.model[field] = value
+  model = build_model(config.model)
+  with pytest.raises(ValueError, match=f'config.model.{field}'):
+    jax.eval_shape(model.init, jax.random.key(0), IMAGES, np.zeros(IMAGES.shape[:3], bool))

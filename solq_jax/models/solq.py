@@ -88,6 +88,9 @@ class SOLQ(nn.Module):
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
                        f'(layer2..4 plus extra levels), got {self.num_feature_levels}')
     if is_swin(self.backbone):
+      if self.backbone_norm != 'frozen_bn':
+        raise ValueError(f'config.model.backbone_norm={self.backbone_norm!r} is a ResNet knob; '
+                         f'{self.backbone} has LayerNorms (leave it at frozen_bn)')
       self.body = SwinTransformer(self.backbone, frozen_stages=self.backbone_frozen_stages,
                                   drop_path_rate=self.drop_path_rate, dtype=dtype,
                                   remat=self.remat in ('backbone', 'all'), name='backbone')

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from solq_jax.models.backbone import ResNet
-from solq_jax.models.swin import SwinTransformer, is_swin
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
+from solq_jax.models.swin import SwinTransformer, is_swin
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
 PRIOR_PROB = 0.01

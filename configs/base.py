@@ -10,11 +10,14 @@ import ml_collections
 def model_config() -> ml_collections.ConfigDict:
   """The network (solq_jax.models) and its mask coder (solq_jax.masks)."""
   return ml_collections.ConfigDict(dict(
-      backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101
+      backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101 | swin_t|s|b|l
       # Training from scratch (no pretrained weights): 'group_norm' trains a GroupNorm where the
       # official model has frozen batch norm, and 0 frozen stages trains the stem and layer1 too.
       backbone_norm='frozen_bn',    # frozen_bn (official; torchvision/official weights) | group_norm
       backbone_frozen_stages=1,     # official: stem + layer1 frozen; 0..4
+      # Swin: the official frozen_stages instead (-1..5; -1 none, SOLQ's setting) and stochastic
+      # depth (official 0.2 for swin_t/s, 0.3 for swin_b/l); ResNets ignore drop_path_rate.
+      drop_path_rate=0.2,
       hidden_dim=384,               # d_model (official SOLQ uses 384, not 256)
       nheads=8,
       enc_layers=6,
@@ -140,8 +143,9 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
-      # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all):
-      # their activations are recomputed instead of stored, for ~one more forward of those layers.
+      # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all;
+      # backbone: each Swin block, also in all): their activations are recomputed instead of
+      # stored, for ~one more forward of those layers.
       # Same parameters, values and gradients; here, not in `model`, because it is how a run
       # trains, not what a checkpoint holds (build_model(config.model, remat=config.train.remat)).
       remat='none',

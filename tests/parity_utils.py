@@ -80,18 +80,28 @@ def make_state_dict(shapes: dict, seed: int = SEED) -> dict:
   return {k: make_tensor(k, s, seed) for k, s in shapes.items()}
 
 
-def make_inputs(seed: int = SEED):
-  """Two normalised images padded bottom/right into one batch.
+def check_generators(ref: dict, weights, images) -> None:
+  """Refuses a drifted generator: the abs-sum of the regenerated `weights` (arrays) and the sum
+  of `images` must equal the fixture's `check/*` entries."""
+  np.testing.assert_allclose(sum(np.abs(v.astype(np.float64)).sum() for v in weights),
+                             ref['check/weights_abs_sum'], rtol=1e-12,
+                             err_msg='the parity weights changed: regenerate the fixture')
+  np.testing.assert_allclose(images.astype(np.float64).sum(), ref['check/images_sum'],
+                             rtol=1e-12, err_msg='the parity inputs changed')
+
+
+def make_inputs(seed: int = SEED, image_sizes=IMAGE_SIZES):
+  """Normalised images of `image_sizes` (h, w) padded bottom/right into one batch.
 
   Returns `images [2, H, W, 3]` float32 (zeros on padding, as the official
   `nested_tensor_from_tensor_list`) and `pad_mask [2, H, W]` bool (True on padding).
   """
   rng = np.random.default_rng([seed, 1])
-  h = max(s[0] for s in IMAGE_SIZES)
-  w = max(s[1] for s in IMAGE_SIZES)
-  images = np.zeros((len(IMAGE_SIZES), h, w, 3), np.float32)
-  pad_mask = np.ones((len(IMAGE_SIZES), h, w), bool)
-  for i, (hi, wi) in enumerate(IMAGE_SIZES):
+  h = max(s[0] for s in image_sizes)
+  w = max(s[1] for s in image_sizes)
+  images = np.zeros((len(image_sizes), h, w, 3), np.float32)
+  pad_mask = np.ones((len(image_sizes), h, w), bool)
+  for i, (hi, wi) in enumerate(image_sizes):
     images[i, :hi, :wi] = rng.normal(0.0, 1.0, (hi, wi, 3))
     pad_mask[i, :hi, :wi] = False
   return images, pad_mask

@@ -15,6 +15,8 @@ Two knobs exist for training WITHOUT pretrained weights (the CPU demo): `norm='g
 replaces every frozen batch norm with a trained GroupNorm (same module names, its scale and bias
 in `params`), because a random ResNet behind identity batch norms is unnormalised; and
 `frozen_stages` (official 1: stem + layer1) sets how many stages get no gradient (0 = none).
+
+The Swin bodies live in `swin.py`; `frozen_module` and `backbone_channels` answer for both.
 """
 from typing import Any
 
@@ -22,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from solq_jax.models import swin
 from solq_jax.models.layers import Conv2d
 
 # depth -> (block kind, blocks per stage)
@@ -43,7 +46,10 @@ STEM = ('conv1', 'bn1')
 def frozen_module(module_name: str, frozen_stages: int) -> bool:
   """Whether the backbone module `module_name` (a top-level name under the backbone's params:
   `conv1`, `bn1`, `layer{s}_{k}`) is frozen when stages 1..`frozen_stages` are: the stem goes
-  with layer1, later stages by their index."""
+  with layer1, later stages by their index. Swin modules (`patch_embed`, `layers_{i}`,
+  `norm{i}`) follow the official Swin rule (`swin.swin_frozen_module`)."""
+  if module_name == swin.PATCH_EMBED or module_name.startswith(swin.STAGE_PREFIX):
+    return swin.swin_frozen_module(module_name, frozen_stages)
   if module_name in STEM:
     return frozen_stages >= 1
   stage = module_name[len('layer'):].split('_')[0] if module_name.startswith('layer') else ''
@@ -58,7 +64,10 @@ def resnet_layout(name: str):
 
 
 def backbone_channels(name: str):
-  """Channels of the returned (layer2, layer3, layer4) maps: 128/256/512 or 512/1024/2048."""
+  """Channels of the returned (layer2, layer3, layer4) maps: 128/256/512 or 512/1024/2048
+  (Swin: its stages 2..4, 2C/4C/8C)."""
+  if swin.is_swin(name):
+    return swin.swin_channels(name)
   kind, _ = resnet_layout(name)
   return tuple(w * _BLOCKS[kind].expansion for w in _WIDTHS[1:])
 

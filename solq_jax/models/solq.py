@@ -16,6 +16,7 @@ from solq_jax.models.backbone import ResNet
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
+from solq_jax.models.swin import SwinTransformer, is_swin
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
 PRIOR_PROB = 0.01
@@ -53,6 +54,7 @@ class SOLQ(nn.Module):
   backbone: str = 'resnet50'
   backbone_norm: str = 'frozen_bn'
   backbone_frozen_stages: int = 1
+  drop_path_rate: float = 0.2
   hidden_dim: int = 384
   nheads: int = 8
   enc_layers: int = 6
@@ -85,8 +87,16 @@ class SOLQ(nn.Module):
     if self.num_feature_levels == 2 or self.num_feature_levels < 1:
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
                        f'(layer2..4 plus extra levels), got {self.num_feature_levels}')
-    self.body = ResNet(self.backbone, norm=self.backbone_norm,
-                       frozen_stages=self.backbone_frozen_stages, dtype=dtype, name='backbone')
+    if is_swin(self.backbone):
+      if self.backbone_norm != 'frozen_bn':
+        raise ValueError(f'config.model.backbone_norm={self.backbone_norm!r} is a ResNet knob; '
+                         f'{self.backbone} has LayerNorms (leave it at frozen_bn)')
+      self.body = SwinTransformer(self.backbone, frozen_stages=self.backbone_frozen_stages,
+                                  drop_path_rate=self.drop_path_rate, dtype=dtype,
+                                  remat=self.remat in ('backbone', 'all'), name='backbone')
+    else:
+      self.body = ResNet(self.backbone, norm=self.backbone_norm,
+                         frozen_stages=self.backbone_frozen_stages, dtype=dtype, name='backbone')
     n_backbone = self.num_backbone_levels
     self.input_proj = [InputProj(d, 1, 1, dtype) if l < n_backbone else InputProj(d, 3, 2, dtype)
                        for l in range(self.num_feature_levels)]
@@ -112,14 +122,15 @@ class SOLQ(nn.Module):
   def num_backbone_levels(self):
     return 3 if self.num_feature_levels > 1 else 1
 
-  def features(self, images, pad_mask):
+  def features(self, images, pad_mask, train=False):
     """Backbone, input projections, padding masks and position encodings of every level."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B,H,W,3], got shape {images.shape}')
     if pad_mask.shape != images.shape[:3]:
       raise ValueError(f'pad_mask must be {images.shape[:3]} (bool, True on padding), got '
                        f'{pad_mask.shape}')
-    return self.project(self.body(images), pad_mask)
+    feats = self.body(images, train) if is_swin(self.backbone) else self.body(images)
+    return self.project(feats, pad_mask)
 
   def project(self, feats, pad_mask):
     """Backbone maps (layer2..4) -> per-level `srcs [B,H_l,W_l,D]`, `masks`, `pos`."""
@@ -154,7 +165,7 @@ class SOLQ(nn.Module):
     return out
 
   def __call__(self, images, pad_mask, train=False):
-    srcs, masks, pos = self.features(images, pad_mask)
+    srcs, masks, pos = self.features(images, pad_mask, train)
     memory = self.transformer.encode(srcs, masks, pos, train)
     return self.decode(memory, masks, train)
 
@@ -167,7 +178,9 @@ def init_variables(model, rng, image_size=(64, 64), batch_size=1):
   """
   images = jnp.zeros((batch_size,) + tuple(image_size) + (3,), jnp.float32)
   pad_mask = jnp.zeros((batch_size,) + tuple(image_size), bool)
-  return jax.jit(model.init)(rng, images, pad_mask)
+  variables = dict(jax.jit(model.init)(rng, images, pad_mask))
+  variables.setdefault('buffers', {})     # a Swin backbone has no frozen batch norms
+  return variables
 
 
 def count_params(params) -> int:

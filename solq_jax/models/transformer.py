@@ -16,7 +16,7 @@ from solq_jax.models.dropout import Dropout
 from solq_jax.models.layers import torch_linear_bias, xavier_uniform
 
 LN_EPS = 1e-5
-REMAT_CHOICES = ('none', 'encoder', 'decoder', 'all')
+REMAT_CHOICES = ('none', 'encoder', 'decoder', 'backbone', 'all')  # backbone: Swin blocks
 
 
 def layer_norm(name, dtype=jnp.float32):

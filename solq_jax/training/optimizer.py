@@ -9,7 +9,8 @@ Groups (by the parameter-tree contract of `solq_jax.models`):
                (params/backbone/conv1, bn1) and params/backbone/layer{1..k}_* with
                k = `model.backbone_frozen_stages` (official: 1; 0 = none): never updated and
                excluded from the clip norm (the official code sets requires_grad=False on them;
-               the backbone stops their gradients with the same rule).
+               the backbone stops their gradients with the same rule). Swin backbones: the
+               official Swin `frozen_stages` rule (`solq_jax.models.swin`; -1 = none).
   backbone     the rest of params/backbone: `train.lr_backbone`.
   linear_proj  any path through `sampling_offsets` or `reference_points`: `lr * lr_linear_proj_mult`.
   default      everything else: `train.lr`.

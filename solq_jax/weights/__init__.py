@@ -79,7 +79,8 @@ def check_same_structure(loaded, reference, source: str) -> None:
 def initial_variables(model_config, model, key) -> dict:
   """Step-0 `{'params', 'buffers'}` of a training: random from `key`, then replaced by
   `model_config.init_checkpoint` (a whole official `.pth` or converted directory) or, for the
-  backbone only, by `model_config.pretrained_backbone` (torchvision ResNet `.pth`)."""
+  backbone only, by `model_config.pretrained_backbone` (torchvision ResNet `.pth`, or
+  Microsoft's ImageNet Swin `.pth` for a Swin backbone)."""
   m = model_config
   variables = models.init_variables(model, key)
   if m.init_checkpoint:
@@ -97,7 +98,7 @@ def initial_variables(model_config, model, key) -> dict:
     path = m.pretrained_backbone
     if not os.path.isfile(path):
       raise FileNotFoundError(f'config.model.pretrained_backbone not found: {path}')
-    merged = convert.merge_backbone(variables, convert.load_torchvision_resnet(path, m))
+    merged = convert.merge_backbone(variables, convert.load_pretrained_backbone(path, m))
     check_same_structure(merged, variables, path)
     variables = merged
   return jax.tree.map(jnp.asarray, variables)

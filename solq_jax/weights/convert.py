@@ -1,4 +1,4 @@
-"""Official SOLQ and torchvision ResNet PyTorch weights -> solq-jax variables.
+"""Official SOLQ, torchvision ResNet and Microsoft Swin PyTorch weights -> solq-jax variables.
 
 The expected torch keys, their shapes and where each lands in the Flax tree are derived from
 the config alone (`model_plan`), so every backbone depth, hidden size and layer count works.
@@ -6,22 +6,24 @@ Layouts: Linear `[out, in]` -> kernel `[in, out]`; conv OIHW -> HWIO; the packed
 `in_proj_*` -> query/key/value thirds; LayerNorm/GroupNorm weight -> scale; FrozenBN
 weight/bias/running_mean/running_var -> buffers scale/bias/mean/var. Keys that alias one
 module (`transformer.decoder.bbox_embed.*` = `bbox_embed.*`, the shared `vector_embed.i.*`)
-must all be present and equal.
+must all be present and equal. Swin backbones: `swin_keys`.
 
 Every function takes the `model` config section (`config.model`).
 
 Command line (writes a converted directory that training, eval.py and predict.py restore):
   python -m solq_jax.weights --checkpoint X.pth --config configs/solq_r50.py --out DIR
   python -m solq_jax.weights --torchvision --checkpoint resnet50.pth --config ... --out DIR
+  (--torchvision with a Swin config reads Microsoft's ImageNet `swin_*_patch4_window7_*.pth`)
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from solq_jax.models import backbone as backbone_lib
 from solq_jax.weights import pth
 from solq_jax.weights import store
+from solq_jax.weights import swin_keys
 
 IGNORED_SUFFIXES = ('total_params', 'total_ops', 'num_batches_tracked')
 OFFICIAL_BACKBONE_PREFIX = 'backbone.0.body.'
@@ -37,6 +39,8 @@ class Rule:
   keys: tuple            # canonical key first, then aliases that must hold equal values
   shape: tuple           # torch shape
   targets: tuple         # ((collection, *path), layout function) pairs
+  # A constant the tensor must equal (a buffer that is no variable here, e.g. an index).
+  expect: Any = dataclasses.field(default=None, compare=False)
 
 
 def _linear_to_kernel(x):
@@ -70,11 +74,17 @@ class _Plan:
     targets = tuple((tuple(p.split('/')), fn) for p, fn in targets)
     self.rules.append(Rule(keys, tuple(shape), targets))
 
-  def linear(self, keys, flax, n_out, n_in):
+  def constant(self, key, value):
+    """A key that must hold exactly `value` and fills nothing."""
+    value = np.asarray(value)
+    self.rules.append(Rule((key,), value.shape, (), value))
+
+  def linear(self, keys, flax, n_out, n_in, bias=True):
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
     self.add([k + '.weight' for k in keys], (n_out, n_in),
              (f'params/{flax}/kernel', _linear_to_kernel))
-    self.add([k + '.bias' for k in keys], (n_out,), (f'params/{flax}/bias', _identity))
+    if bias:
+      self.add([k + '.bias' for k in keys], (n_out,), (f'params/{flax}/bias', _identity))
 
   def norm(self, key, flax, n):
     self.add(key + '.weight', (n,), (f'params/{flax}/scale', _identity))
@@ -95,6 +105,9 @@ class _Plan:
 
 
 def _add_backbone(plan: _Plan, backbone: str, prefix: str):
+  if backbone_lib.swin.is_swin(backbone):
+    swin_keys.add_swin(plan, backbone, prefix)
+    return
   kind, blocks = backbone_lib.resnet_layout(backbone)
   expansion = 4 if kind == 'bottleneck' else 1
   plan.conv(f'{prefix}conv1.weight', 'backbone/conv1', (64, 3, 7, 7))
@@ -234,6 +247,9 @@ def apply_rules(state_dict: dict, rules: list, ignore=lambda key: False) -> dict
   variables = {'params': {}, 'buffers': {}}
   for rule in rules:
     value = arrays[rule.keys[0]]
+    if rule.expect is not None and not np.array_equal(value, rule.expect):
+      raise StateDictError(f'{rule.keys[0]} differs from the constant this model computes '
+                           f'(another window size or layout?)')
     for alias in rule.keys[1:]:
       if not np.array_equal(arrays[alias], value):
         raise StateDictError(f'aliased keys {alias} and {rule.keys[0]} should hold the same '
@@ -258,6 +274,23 @@ def convert_torchvision_resnet(state_dict: dict, model_config) -> dict:
                      ignore=lambda k: k.startswith('fc.'))
 
 
+def convert_imagenet_swin(state_dict: dict, model_config) -> dict:
+  """Microsoft ImageNet Swin state dict (the `model` dict of `swin_*_patch4_window7_*.pth`) ->
+  the backbone part without the output norms (`swin_keys` says what is ignored)."""
+  plan = _Plan()
+  swin_keys.add_swin(plan, model_config.backbone, '', output_norms=False)
+  return apply_rules(state_dict, plan.rules, ignore=swin_keys.imagenet_ignored)
+
+
+def load_pretrained_backbone(path: str, model_config, reader: str = 'auto') -> dict:
+  """ImageNet backbone weights for `config.model.pretrained_backbone`: torchvision ResNet or,
+  for a Swin config, Microsoft's Swin checkpoint."""
+  state_dict = pth.read_state_dict(path, reader)
+  if backbone_lib.swin.is_swin(model_config.backbone):
+    return convert_imagenet_swin(state_dict, model_config)
+  return convert_torchvision_resnet(state_dict, model_config)
+
+
 def load_official_checkpoint(path: str, model_config, reader: str = 'auto') -> dict:
   """Reads an official SOLQ `.pth` and converts it (see `pth.read_state_dict`)."""
   return convert_state_dict(pth.read_state_dict(path, reader), model_config)
@@ -269,11 +302,17 @@ def load_torchvision_resnet(path: str, model_config, reader: str = 'auto') -> di
 
 
 def merge_backbone(variables: dict, backbone_variables: dict) -> dict:
-  """`variables` with its `backbone` subtrees replaced by those of `backbone_variables`."""
+  """`variables` with the backbone modules that `backbone_variables` holds replaced by its
+  (the others, e.g. Swin's output norms absent from ImageNet files, kept)."""
   out = {}
   for collection in ('params', 'buffers'):
-    out[collection] = dict(variables[collection])
-    out[collection]['backbone'] = backbone_variables[collection]['backbone']
+    out[collection] = dict(variables.get(collection, {}))
+    loaded = backbone_variables.get(collection, {}).get('backbone')
+    if loaded is None:
+      continue
+    kept = {k: v for k, v in variables[collection].get('backbone', {}).items()
+            if k not in loaded}
+    out[collection]['backbone'] = {**kept, **loaded} if kept else loaded
   return out
 
 
@@ -294,7 +333,8 @@ def main(argv=None):
                                    flag_values=fv)
   out = flags.DEFINE_string('out', None, 'new output directory', flag_values=fv)
   torchvision = flags.DEFINE_bool('torchvision', False,
-                                  'the file holds torchvision ResNet weights (backbone only)',
+                                  'the file holds ImageNet backbone weights only (torchvision '
+                                  'ResNet, or Microsoft Swin for a Swin config)',
                                   flag_values=fv)
   reader = flags.DEFINE_enum('reader', 'auto', ['auto', 'zip', 'torch'],
                              '.pth reader (zip = built-in, torch-free)', flag_values=fv)
@@ -303,7 +343,7 @@ def main(argv=None):
   from solq_jax import cli  # pylint: disable=g-import-not-at-top
   cli.parse_flags(argv, fv)
   config = config_flag.value
-  load = load_torchvision_resnet if torchvision.value else load_official_checkpoint
+  load = load_pretrained_backbone if torchvision.value else load_official_checkpoint
   variables = load(checkpoint.value, config.model, reader.value)
   directory = store.save_converted(out.value, variables, config.model)
   n = sum(np.size(v) for v in __import__('jax').tree.leaves(variables['params']))

@@ -2,7 +2,8 @@
 
 A coder turns a full-image binary mask plus its box into a fixed-length vector (the supervision
 target of the UQR vector head) and a vector back into a box-relative `mask_size x mask_size` mask.
-Concrete coders: `dct` (default, official SOLQ), `pca`, `flatten`; `build_coder(model_config)`
+Concrete coders: `dct` (default, official SOLQ), `pca`, `flatten`, `sparse` (and `none.py`, the
+detection-only coder); `build_coder(model_config)`
 picks one from `config.model.mask_coder`.
 """
 import abc
@@ -15,6 +16,7 @@ class MaskCoder(abc.ABC):
 
   mask_size: int      # N: side of the box-relative mask
   num_coeffs: int     # length of a mask vector
+  has_masks = True    # False only for the detection-only coder (masks/none.py)
 
   @abc.abstractmethod
   def encode(self, masks, boxes_xyxy):

@@ -2,6 +2,8 @@
 
 Every experiment knob is a field here, so it can be set from the command line as
 `--config.section.field=value`. Defaults are the official SOLQ-R50 recipe.
+Paper Table 3c ("k stages with vector loss" = the last k decoder layers) is `loss.vector_stages=k`;
+`loss.vector_start_stage` is the official flag (the first such layer, 0-based: 6 - k).
 Each section has one owner module; add new fields to the section of the code that reads them.
 """
 import ml_collections

@@ -13,7 +13,8 @@ layout of Table 3: mask AP, AP50, AP75, APs/m/l, box AP, from the logged evaluat
 
 Several `--vary` flags give their product. PCA and sparse-coding variants without a file get
 one fitted on the training split (OUT/_coders); a flatten variant gets
-num_coeffs = mask_size**2 (the table's notes say so).
+num_coeffs = mask_size**2 and, unless another vector loss is set, the paper's L2 + dice
+(the table's notes say so).
 """
 import argparse
 import json

@@ -105,7 +105,8 @@ def prepare(config, coder_dir: pathlib.Path, max_instances: int = 4000) -> List[
   """Completes a variant's config in place; returns notes for the table.
 
   - `mask_coder='flatten'` whose `num_coeffs != mask_size**2`: num_coeffs becomes mask_size**2
-    (the flatten vector is the whole crop).
+    (the flatten vector is the whole crop); with the default `loss.vector_loss='l1'` the loss
+    becomes 'l2+dice' (the paper: "L2 and dice loss jointly"; set another to keep it).
   - `mask_coder='pca'` / `'sparse'` without a file: fitted once on the training split (the
     data the variant trains on) into `coder_dir`, named by mask size and length, and reused.
   """
@@ -116,6 +117,9 @@ def prepare(config, coder_dir: pathlib.Path, max_instances: int = 4000) -> List[
   if m.mask_coder == 'flatten' and m.num_coeffs != m.mask_size ** 2:
     notes.append(f'num_coeffs {m.num_coeffs} -> {m.mask_size ** 2} (mask_size**2)')
     m.num_coeffs = m.mask_size ** 2
+  if m.mask_coder == 'flatten' and config.loss.vector_loss == 'l1':
+    notes.append('loss.vector_loss l1 -> l2+dice (the paper trains flatten with both)')
+    config.loss.vector_loss = 'l2+dice'
   field = {'pca': 'pca_path', 'sparse': 'sparse_path'}.get(m.mask_coder)
   if field and not m[field]:
     path = coder_dir / f'{m.mask_coder}_{m.mask_size}x{m.num_coeffs}.npz'

@@ -7,8 +7,28 @@ detection-only coder); `build_coder(model_config)`
 picks one from `config.model.mask_coder`.
 """
 import abc
+import os
+
+import numpy as np
 
 from solq_jax.masks import roi_align
+
+
+def read_fitted_npz(path, keys, coder, field, what):
+  """The arrays `keys` of a coder's fitted `.npz` (`config.model.<field>`); a ValueError naming
+  the field or the file when it is unset, missing or lacks a key. `what` names the file's
+  kind in messages, e.g. 'PCA'."""
+  if not path:
+    raise ValueError(f"config.model.mask_coder='{coder}' needs config.model.{field} (an .npz "
+                     f'written by `python -m solq_jax.masks.fit_{coder}`)')
+  if not os.path.isfile(path):
+    raise ValueError(f'{what} file not found: {path!r} (config.model.{field})')
+  try:
+    with np.load(path) as data:
+      return {k: data[k] for k in keys}
+  except (KeyError, OSError, ValueError) as err:
+    raise ValueError(f'{what} file {path!r} is not a valid {what} .npz (needs keys {keys}): '
+                     f'{err}') from err
 
 
 class MaskCoder(abc.ABC):

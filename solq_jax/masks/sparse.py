@@ -21,8 +21,6 @@ onto the unit ball), starting from the leading right singular vectors of the cro
 here in numpy rather than with scikit-learn (not a dependency) because encoding must also run
 under `jax.jit` with the very iterations used at fitting time; the learning loop is ~20 lines.
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,17 +116,7 @@ def save_dictionary(path, fitted):
 
 def load_dictionary(path):
   """Read and validate a dictionary `.npz`; raises ValueError naming the file on any problem."""
-  if not path:
-    raise ValueError("config.model.mask_coder='sparse' needs config.model.sparse_path (an .npz "
-                     'written by `python -m solq_jax.masks.fit_sparse`)')
-  if not os.path.isfile(path):
-    raise ValueError(f'dictionary file not found: {path!r} (config.model.sparse_path)')
-  try:
-    with np.load(path) as data:
-      fitted = {k: data[k] for k in _KEYS}
-  except (KeyError, OSError, ValueError) as err:
-    raise ValueError(f'dictionary file {path!r} is not a valid sparse-coder .npz (needs keys '
-                     f'{_KEYS}): {err}') from err
+  fitted = base.read_fitted_npz(path, _KEYS, 'sparse', 'sparse_path', 'dictionary')
   d = fitted['dictionary']
   if d.ndim != 2 or d.shape[1] != int(fitted['mask_size']) ** 2:
     raise ValueError(f'dictionary file {path!r}: dictionary {d.shape} does not fit mask_size '

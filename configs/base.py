@@ -2,6 +2,8 @@
 
 Every experiment knob is a field here, so it can be set from the command line as
 `--config.section.field=value`. Defaults are the official SOLQ-R50 recipe.
+Paper Table 3c ("k stages with vector loss" = the last k decoder layers) is `loss.vector_stages=k`;
+`loss.vector_start_stage` is the official flag (the first such layer, 0-based: 6 - k).
 Each section has one owner module; add new fields to the section of the code that reads them.
 """
 import ml_collections
@@ -33,8 +35,12 @@ def model_config() -> ml_collections.ConfigDict:
       vector_hidden_dim=1024,
       num_coeffs=256,               # n_k: mask-vector length
       mask_size=128,                # N: box-relative mask resolution
-      mask_coder='dct',             # dct | pca | flatten
+      mask_coder='dct',             # dct | pca | flatten | sparse
       pca_path='',                  # .npz with PCA components (mask_coder='pca')
+      sparse_path='',               # .npz with the learned dictionary (mask_coder='sparse')
+      # False: detection only (paper Table 2/3a "det", Deformable DETR): no vector head, no mask
+      # targets, losses, decoding or segm evaluation.
+      with_masks=True,
       attention_impl='xla',         # xla | pallas | auto (deformable-attention core)
       # Computation dtype (float32 | bfloat16) of the backbone, input projections, transformer
       # and heads. Parameters and optimiser state stay float32, as do softmaxes, normalisation
@@ -53,9 +59,15 @@ def loss_config() -> ml_collections.ConfigDict:
       bbox_weight=5.0,
       giou_weight=2.0,
       vector_weight=1.0,            # weight_dict entry; the x3 below is inside the term
-      vector_loss='l1',             # l1 | smooth_l1 | l2 | cosine | dice
+      # l1 | smooth_l1 | l2 | cosine | dice, or several joined by '+' ('l2+dice': the paper's
+      # flatten coder), summed with vector_loss_weights (one per term; () = 1 each).
+      vector_loss='l1',
+      vector_loss_weights=(),
       vector_loss_scale=3.0,
-      vector_start_stage=0,         # decoder layers >= this get the vector loss (paper Table 3c)
+      vector_start_stage=0,         # decoder layers (0-based) >= this get the vector loss
+      # Paper Table 3c's count: k > 0 = the last k decoder layers get the vector loss (official
+      # `6 - vector_start_stage`); 0 = vector_start_stage decides.
+      vector_stages=0,
       dice_sharpness=10.0,          # vector_loss='dice': soft mask = sigmoid(s * (recon - 0.5))
       focal_alpha=0.25,
       focal_gamma=2.0,

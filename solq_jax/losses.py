@@ -129,12 +129,28 @@ VECTOR_LOSSES = {
 }
 
 
-def vector_loss_fn(kind: str, coder=None, dice_sharpness: float = 10.0) -> Callable:
+def _weighted_terms(pred, tgt, pair_valid, num_pairs=None, *, terms):
+  """`sum_i w_i * f_i(pred, tgt, ...)` over `terms = ((w_i, f_i), ...)`."""
+  return sum(w * f(pred, tgt, pair_valid, num_pairs) for w, f in terms)
+
+
+def vector_loss_fn(kind: str, coder=None, dice_sharpness: float = 10.0,
+                   weights=()) -> Callable:
   """The vector-loss variant `kind` as `(pred, tgt, pair_valid, num_pairs=None) -> scalar`.
 
   'dice' decodes the vectors with `coder` (the model's mask coder, `solq_jax.masks`), which it
-  then requires; the other variants compare the vectors themselves.
+  then requires; the other variants compare the vectors themselves. Variants joined by '+'
+  (e.g. 'l2+dice', the paper's flatten training) are summed with `weights` (one per variant;
+  empty = 1 each).
   """
+  if '+' in kind or weights:
+    kinds = kind.split('+')
+    weights = tuple(weights) or (1.0,) * len(kinds)
+    if len(weights) != len(kinds):
+      raise ValueError(f'config.loss.vector_loss_weights={weights} needs one weight per term of '
+                       f'config.loss.vector_loss={kind!r} ({len(kinds)})')
+    return functools.partial(_weighted_terms, terms=tuple(
+        (float(w), vector_loss_fn(k, coder, dice_sharpness)) for w, k in zip(weights, kinds)))
   if kind not in VECTOR_LOSSES:
     raise ValueError(f'unknown config.loss.vector_loss {kind!r}; '
                      f'expected one of {sorted(VECTOR_LOSSES)}')
@@ -255,7 +271,8 @@ def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
     outputs: the model's dict (`pred_logits`, `pred_boxes`, `pred_vectors`, `aux_outputs`).
     targets: dict `labels [B,G]` int, `boxes [B,G,4]` cxcywh, `vectors [B,G,K]`, `valid [B,G]`.
     matcher: `hungarian_match` with its weights and solver (`matching.matcher_from_config`).
-    vector_loss: `(pred, tgt, pair_valid) -> scalar` (`vector_loss_fn`).
+    vector_loss: `(pred, tgt, pair_valid) -> scalar` (`vector_loss_fn`), or None (detection
+      only: no vector term, no `pred_vectors` needed).
     weights: the weight of each term by name (`loss_weights`).
     aux_loss: whether the auxiliary layers get losses.
     vector_start_stage: decoder stages below this one get no vector term.
@@ -281,7 +298,8 @@ def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
   losses = {}
   for (suffix, stage, layer_out), match in zip(layers, matches):
     terms = layer_losses(layer_out, targets, match, num_boxes,
-                         vector_loss=vector_loss if stage >= vector_start_stage else None,
+                         vector_loss=(vector_loss if vector_loss is not None
+                                      and stage >= vector_start_stage else None),
                          vector_loss_scale=vector_loss_scale, focal_alpha=focal_alpha,
                          focal_gamma=focal_gamma, num_pairs=num_pairs)
     losses.update({k + suffix: v for k, v in terms.items()})
@@ -289,14 +307,37 @@ def solq_losses(outputs, targets, *, matcher: Callable, vector_loss: Callable,
   return losses
 
 
-def criterion_from_config(loss_config, coder=None) -> Callable:
+def vector_start_stage(loss_config, num_decoder_layers=None) -> int:
+  """The first decoder stage with the vector loss: `loss.vector_stages = k > 0` counts as the
+  paper's Table 3c does (the last k of the `num_decoder_layers` layers, official
+  `6 - vector_start_stage`); 0 defers to `loss.vector_start_stage`."""
+  k = int(loss_config.vector_stages)
+  if not k:
+    return loss_config.vector_start_stage
+  if num_decoder_layers is None or not 0 < k <= num_decoder_layers:
+    raise ValueError(f'config.loss.vector_stages={k} must be in 1..config.model.dec_layers '
+                     f'({num_decoder_layers})')
+  return num_decoder_layers - k
+
+
+def criterion_from_config(loss_config, coder=None, num_decoder_layers=None,
+                          with_masks=True) -> Callable:
   """`criterion(outputs, targets, step_valid=None) -> dict of terms incl. 'total'`:
-  `solq_losses` with the
-  settings of `config.loss`. `coder`: the model's mask coder (needed by the 'dice' variant)."""
+  `solq_losses` with the settings of `config.loss`. `coder`: the model's mask coder (needed by
+  the 'dice' variant). `num_decoder_layers` (`config.model.dec_layers`): needed by
+  `loss.vector_stages`. `with_masks=False` (`config.model.with_masks`, detection only): no
+  vector term at any stage."""
   lc = loss_config
+  if not with_masks:
+    return functools.partial(
+        solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=None,
+        weights=loss_weights(lc), aux_loss=lc.aux_loss, focal_alpha=lc.focal_alpha,
+        focal_gamma=lc.focal_gamma)
   return functools.partial(
       solq_losses, matcher=matching.matcher_from_config(lc),
-      vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness),
-      weights=loss_weights(lc), aux_loss=lc.aux_loss, vector_start_stage=lc.vector_start_stage,
+      vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness,
+                                 lc.vector_loss_weights),
+      weights=loss_weights(lc), aux_loss=lc.aux_loss,
+      vector_start_stage=vector_start_stage(lc, num_decoder_layers),
       vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
       focal_gamma=lc.focal_gamma)

@@ -103,6 +103,9 @@ def contract(config, coder, hw, platforms, class_names):
 
 def export(config, model, variables, coder, class_names):
   """(`jax.export.Exported`, contract dict) of the whole inference of `config`."""
+  if not coder.has_masks:
+    raise ValueError('config.model.with_masks=False (detection only) cannot be exported: the '
+                     'exported contract returns masks; evaluate or predict instead')
   hw = export_hw(config)
   platforms = tuple(p.strip() for p in str(config.eval.export_platforms).split(',') if p.strip())
   if not platforms:

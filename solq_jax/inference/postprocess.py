@@ -133,8 +133,10 @@ class Postprocessor:
 
   @classmethod
   def from_config(cls, eval_config, coder):
-    """The adapter from `config.eval` (`top_k`, `with_masks`, `paste_*`)."""
-    return cls(coder, eval_config.top_k, with_masks=eval_config.with_masks,
+    """The adapter from `config.eval` (`top_k`, `with_masks`, `paste_*`); a detection-only
+    coder (`config.model.with_masks=False`) gives box-only results whatever `eval.with_masks`."""
+    return cls(coder, eval_config.top_k,
+               with_masks=eval_config.with_masks and getattr(coder, 'has_masks', True),
                size_multiple=eval_config.paste_size_multiple,
                max_exact_sizes=eval_config.paste_exact_sizes)
 
@@ -220,5 +222,5 @@ def make_forward(model):
   """
   def forward(variables, images, pad_mask):
     out = model.apply(variables, images, pad_mask, train=False)
-    return {k: out[k] for k in ('pred_logits', 'pred_boxes', 'pred_vectors')}
+    return {k: out[k] for k in ('pred_logits', 'pred_boxes', 'pred_vectors') if k in out}
   return jax.jit(forward)

@@ -2,12 +2,33 @@
 
 A coder turns a full-image binary mask plus its box into a fixed-length vector (the supervision
 target of the UQR vector head) and a vector back into a box-relative `mask_size x mask_size` mask.
-Concrete coders: `dct` (default, official SOLQ), `pca`, `flatten`; `build_coder(model_config)`
+Concrete coders: `dct` (default, official SOLQ), `pca`, `flatten`, `sparse` (and `none.py`, the
+detection-only coder); `build_coder(model_config)`
 picks one from `config.model.mask_coder`.
 """
 import abc
+import os
+
+import numpy as np
 
 from solq_jax.masks import roi_align
+
+
+def read_fitted_npz(path, keys, coder, field, what):
+  """The arrays `keys` of a coder's fitted `.npz` (`config.model.<field>`); a ValueError naming
+  the field or the file when it is unset, missing or lacks a key. `what` names the file's
+  kind in messages, e.g. 'PCA'."""
+  if not path:
+    raise ValueError(f"config.model.mask_coder='{coder}' needs config.model.{field} (an .npz "
+                     f'written by `python -m solq_jax.masks.fit_{coder}`)')
+  if not os.path.isfile(path):
+    raise ValueError(f'{what} file not found: {path!r} (config.model.{field})')
+  try:
+    with np.load(path) as data:
+      return {k: data[k] for k in keys}
+  except (KeyError, OSError, ValueError) as err:
+    raise ValueError(f'{what} file {path!r} is not a valid {what} .npz (needs keys {keys}): '
+                     f'{err}') from err
 
 
 class MaskCoder(abc.ABC):
@@ -15,6 +36,7 @@ class MaskCoder(abc.ABC):
 
   mask_size: int      # N: side of the box-relative mask
   num_coeffs: int     # length of a mask vector
+  has_masks = True    # False only for the detection-only coder (masks/none.py)
 
   @abc.abstractmethod
   def encode(self, masks, boxes_xyxy):

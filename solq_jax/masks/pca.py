@@ -14,8 +14,6 @@ map; decode keeps reconstruction values `>= 0.5`. Unlike the official `solq_pca.
 MEInst), no randomised inverse-sigmoid is applied before the projection: encoding is
 deterministic, so the numpy twin and the jnp version agree.
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,16 +48,7 @@ def save_pca(path, pca):
 
 def load_pca(path):
   """Read and validate a PCA `.npz`; raises ValueError naming the file on any problem."""
-  if not path:
-    raise ValueError("config.model.mask_coder='pca' needs config.model.pca_path (an .npz written "
-                     'by `python -m solq_jax.masks.fit_pca`)')
-  if not os.path.isfile(path):
-    raise ValueError(f'PCA file not found: {path!r} (config.model.pca_path)')
-  try:
-    with np.load(path) as data:
-      pca = {k: data[k] for k in _KEYS}
-  except (KeyError, OSError, ValueError) as err:
-    raise ValueError(f'PCA file {path!r} is not a valid PCA .npz (needs keys {_KEYS}): {err}') from err
+  pca = base.read_fitted_npz(path, _KEYS, 'pca', 'pca_path', 'PCA')
   dim = int(pca['mask_size']) ** 2
   comps = pca['components']
   if (comps.ndim != 2 or comps.shape[1] != dim or pca['mean'].shape != (dim,)

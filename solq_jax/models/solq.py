@@ -1,8 +1,9 @@
 """SOLQ: Deformable DETR with iterative box refinement plus a DCT mask-vector head.
 
 `SOLQ.__call__(images [B,H,W,3], pad_mask [B,H,W], train=False)` returns per decoder layer the
-class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors; the last
-layer at the top level and layers 0..L-2 in `aux_outputs`.
+class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors (not with
+`with_masks=False`: detection only, the paper's Deformable DETR baseline); the last layer at the
+top level and layers 0..L-2 in `aux_outputs`.
 """
 import math
 from typing import Any
@@ -69,6 +70,7 @@ class SOLQ(nn.Module):
   with_box_refine: bool = True
   vector_hidden_dim: int = 1024
   num_coeffs: int = 256
+  with_masks: bool = True     # False: detection only (Deformable DETR), no vector head
   attention_impl: str = 'xla'
   dtype: str = 'float32'
   remat: str = 'none'
@@ -113,8 +115,9 @@ class SOLQ(nn.Module):
         for _ in range(n_heads)]
     self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 else None, dtype)
                        for i in range(n_heads)]
-    self.vector_embed = MLP(self.vector_hidden_dim, self.num_coeffs, 3,
-                            box_bias_quirk(self.num_coeffs), dtype)
+    if self.with_masks:
+      self.vector_embed = MLP(self.vector_hidden_dim, self.num_coeffs, 3,
+                              box_bias_quirk(self.num_coeffs), dtype)
     self.query_embed = nn.Embed(self.num_queries, 2 * d,
                                 embedding_init=nn.initializers.normal(1.0))
 
@@ -158,8 +161,9 @@ class SOLQ(nn.Module):
       # The heads compute in the model's dtype; everything downstream (matching, losses, mask
       # coding, post-processing) reads float32.
       outputs.append({'pred_logits': self.class_embed[head](h).astype(jnp.float32),
-                      'pred_boxes': box,
-                      'pred_vectors': self.vector_embed(h).astype(jnp.float32)})
+                      'pred_boxes': box})
+      if self.with_masks:
+        outputs[-1]['pred_vectors'] = self.vector_embed(h).astype(jnp.float32)
     out = dict(outputs[-1])
     out['aux_outputs'] = outputs[:-1]
     return out

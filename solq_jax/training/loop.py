@@ -54,7 +54,8 @@ class Trainer:
     step_lib.check_ema_decay(t.ema_decay)
     self.model = models.build_model(config.model, remat=config.train.remat)
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
-    self.criterion = losses.criterion_from_config(config.loss, self.coder)
+    self.criterion = losses.criterion_from_config(
+        config.loss, self.coder, config.model.dec_layers, config.model.with_masks)
     self.data = data_lib.train_pipeline(config, self.coder)
     self.steps_per_epoch = self.data.steps_per_epoch
     self.total_steps = int(t.total_steps) or int(t.epochs) * self.steps_per_epoch

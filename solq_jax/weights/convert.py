@@ -195,8 +195,9 @@ def model_plan(model_config) -> list:
   else:  # one class head and one box MLP repeated over the layers (aliases).
     plan.linear([f'class_embed.{i}' for i in range(n_dec)], 'class_embed_0', m.num_classes, d)
     plan.mlp([f'bbox_embed.{i}' for i in range(n_dec)], 'bbox_embed_0', (d, d, d, 4))
-  plan.mlp([f'vector_embed.{i}' for i in range(n_dec)], 'vector_embed',
-           (d, m.vector_hidden_dim, m.vector_hidden_dim, m.num_coeffs))
+  if m.with_masks:  # detection only: the official model without --with_vector has none
+    plan.mlp([f'vector_embed.{i}' for i in range(n_dec)], 'vector_embed',
+             (d, m.vector_hidden_dim, m.vector_hidden_dim, m.num_coeffs))
   plan.add('query_embed.weight', (m.num_queries, 2 * d),
            ('params/query_embed/embedding', _identity))
   return plan.rules

@@ -2,7 +2,9 @@
 
 `SOLQ.__call__(images [B,H,W,3], pad_mask [B,H,W], train=False)` returns per decoder layer the
 class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors; the last
-layer at the top level and layers 0..L-2 in `aux_outputs`.
+layer at the top level and layers 0..L-2 in `aux_outputs`. In training, extra query sets
+(`one_to_many_queries`, see `solq_jax.models.query_sets`) add their outputs, in the same layout,
+under their own keys (`one_to_many_outputs`); the top level is always the one-to-one set.
 """
 import math
 from typing import Any
@@ -16,6 +18,7 @@ from solq_jax.models.backbone import ResNet
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
+from solq_jax.models import query_sets
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
 PRIOR_PROB = 0.01
@@ -69,6 +72,7 @@ class SOLQ(nn.Module):
   num_coeffs: int = 256
   attention_impl: str = 'xla'
   dtype: str = 'float32'
+  one_to_many_queries: int = 0
   remat: str = 'none'
 
   def setup(self):
@@ -107,6 +111,12 @@ class SOLQ(nn.Module):
                             box_bias_quirk(self.num_coeffs), dtype)
     self.query_embed = nn.Embed(self.num_queries, 2 * d,
                                 embedding_init=nn.initializers.normal(1.0))
+    n = self.one_to_many_queries
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ValueError(f'config.model.one_to_many_queries must be an integer >= 0, got {n!r}')
+    if n:
+      self.query_embed_one_to_many = nn.Embed(n, 2 * d,
+                                              embedding_init=nn.initializers.normal(1.0))
 
   @property
   def num_backbone_levels(self):
@@ -134,11 +144,36 @@ class SOLQ(nn.Module):
     pos = [sine_position_encoding(m, self.hidden_dim // 2) for m in masks]
     return srcs, masks, pos
 
+  def extra_query_sets(self, train):
+    """`[(output key, query_embed [N, 2D])]` of the extra query sets run with this call: only
+    in training (inference reads the one-to-one set alone). The embeddings are read in any case
+    so that `init` creates them."""
+    sets = []
+    if self.one_to_many_queries:
+      sets.append(('one_to_many_outputs', self.query_embed_one_to_many.embedding))
+    return sets if train else []
+
   def decode(self, memory, masks, train=False):
     """Decoder and heads: memory `[B, S, D]` and per-level masks -> the output dict."""
     refine = self.bbox_embed if self.with_box_refine else None
-    hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
-                                                    train, refine)
+    extra = self.extra_query_sets(train)
+    if not extra:
+      hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
+                                                      train, refine)
+      return query_sets.stack_layers(self.heads(hs, references, boxes))
+    embeds = [self.query_embed.embedding] + [e for _, e in extra]
+    sizes = [e.shape[0] for e in embeds]
+    hs, references, boxes = self.transformer.decode(
+        memory, masks, jnp.concatenate(embeds), train, refine,
+        query_sets.block_attention_mask(sizes))
+    blocks = query_sets.split_rows(self.heads(hs, references, boxes), sizes)
+    out = query_sets.stack_layers(blocks[0])
+    for (key, _), block in zip(extra, blocks[1:]):
+      out[key] = query_sets.stack_layers(block)
+    return out
+
+  def heads(self, hs, references, boxes):
+    """Per decoder layer `{pred_logits, pred_boxes, pred_vectors}` from the decoder's outputs."""
     outputs = []
     for l, h in enumerate(hs):
       head = l if self.with_box_refine else 0
@@ -149,9 +184,7 @@ class SOLQ(nn.Module):
       outputs.append({'pred_logits': self.class_embed[head](h).astype(jnp.float32),
                       'pred_boxes': box,
                       'pred_vectors': self.vector_embed(h).astype(jnp.float32)})
-    out = dict(outputs[-1])
-    out['aux_outputs'] = outputs[:-1]
-    return out
+    return outputs
 
   def __call__(self, images, pad_mask, train=False):
     srcs, masks, pos = self.features(images, pad_mask)

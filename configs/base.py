@@ -42,6 +42,9 @@ def model_config() -> ml_collections.ConfigDict:
       # and hidden from the one-to-one queries in self-attention; inference uses the
       # one-to-one set alone. 0 = off (official SOLQ).
       one_to_many_queries=0,
+      # Group DETR: this many groups of num_queries queries, each matched one-to-one, hidden
+      # from each other in self-attention; inference uses the first group. 1 = off (official).
+      query_groups=1,
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from solq_jax import box_ops
+from solq_jax import group_detr
 from solq_jax import hybrid_matching
 from solq_jax import matching
 
@@ -294,7 +295,7 @@ def criterion_from_config(loss_config, coder=None) -> Callable:
   """`criterion(outputs, targets, step_valid=None) -> dict of terms incl. 'total'`:
   `solq_losses` with the
   settings of `config.loss`. `coder`: the model's mask coder (needed by the 'dice' variant).
-  Outputs of extra query sets get their own terms (`hybrid_matching`)."""
+  Outputs of extra query sets get their own terms (`hybrid_matching`, `group_detr`)."""
   lc = loss_config
   one_to_one = functools.partial(
       solq_losses, matcher=matching.matcher_from_config(lc),
@@ -302,4 +303,6 @@ def criterion_from_config(loss_config, coder=None) -> Callable:
       weights=loss_weights(lc), aux_loss=lc.aux_loss, vector_start_stage=lc.vector_start_stage,
       vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
       focal_gamma=lc.focal_gamma)
-  return hybrid_matching.with_one_to_many(one_to_one, lc.one_to_many_k, lc.one_to_many_weight)
+  criterion = hybrid_matching.with_one_to_many(one_to_one, lc.one_to_many_k,
+                                               lc.one_to_many_weight)
+  return group_detr.with_groups(criterion, one_to_one)

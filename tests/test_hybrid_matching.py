@@ -1,6 +1,6 @@
-"""Hybrid matching (H-DETR): the default is today's model and criterion; the one-to-many queries
-are hidden from the one-to-one queries; the one-to-many matching is scipy on the repeated
-targets; the one-to-many terms against the numpy criterion; 8 devices equal 1."""
+"""Hybrid matching (H-DETR): the default is today's model and criterion; the one-to-many matching
+is scipy on the repeated targets; the one-to-many terms against the numpy criterion; 8 devices
+equal 1. (The attention masks: tests/test_query_sets.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +9,7 @@ import scipy.optimize
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import train_micro_config
-from query_set_helpers import (IMAGE_HW, apply_fn, build, micro_batch, micro_config,
-                               query_arrays, with_param)
+from query_set_helpers import IMAGE_HW, micro_batch, query_arrays
 from solq_jax import hybrid_matching, losses, matching, models, sharding
 from test_losses import linear_model_outputs, make_batch, make_config, np_criterion
 from test_matching import np_cost, random_problem
@@ -24,10 +23,10 @@ def test_default_reproduces_the_model_and_loss_before_hybrid_matching():
   the query-set variants existed, which they match bit for bit; the tolerance is only for other
   CPUs' rounding."""
   config = train_micro_config.get_config()
-  assert config.model.one_to_many_queries == 0
+  assert config.model.one_to_many_queries == 0 and config.model.query_groups == 1
   model = models.build_model(config.model)
   variables = models.init_variables(model, jax.random.key(0), IMAGE_HW)
-  assert 'query_embed_one_to_many' not in variables['params']
+  assert not {'query_embed_one_to_many', 'query_embed_groups'} & set(variables['params'])
   batch = micro_batch(config)
   criterion = losses.criterion_from_config(config.loss)
 
@@ -49,36 +48,6 @@ def test_default_reproduces_the_model_and_loss_before_hybrid_matching():
   np.testing.assert_allclose([float(total), float(terms['loss_vector_0']), grad_norm],
                              [25.54106903076172, 5.876511573791504, 8.830313074816777],
                              rtol=2e-5)
-
-
-@pytest.fixture(scope='module')
-def hybrid():
-  config = micro_config(one_to_many_queries=12)
-  model, variables = build(config)
-  batch = micro_batch(config)
-  return model, variables, batch, apply_fn(model)
-
-
-@pytest.mark.timeout(900)
-def test_query_sets_do_not_see_each_other(hybrid):
-  model, variables, batch, run = hybrid
-  out = run(variables, batch)
-  assert out['pred_logits'].shape[1] == 10 and out[O2M]['pred_logits'].shape[1] == 12
-  assert len(out[O2M]['aux_outputs']) == len(out['aux_outputs']) == 1
-  # Perturbing one set's queries leaves the other set's outputs (every layer) bit for bit.
-  moved_o2m = run(with_param(variables, 'query_embed_one_to_many', lambda e: e + 1.0), batch)
-  moved_o2o = run(with_param(variables, 'query_embed', lambda e: e * -1.0), batch)
-  for got, want in zip(query_arrays(moved_o2m), query_arrays(out)):
-    np.testing.assert_array_equal(got, want)
-  for got, want in zip(query_arrays(moved_o2o[O2M]), query_arrays(out[O2M])):
-    np.testing.assert_array_equal(got, want)
-  assert not np.allclose(moved_o2m[O2M]['pred_logits'], out[O2M]['pred_logits'])
-  assert not np.allclose(moved_o2o['pred_logits'], out['pred_logits'])
-  # Inference runs the one-to-one set alone, with the same values.
-  evaluated = jax.jit(lambda v: model.apply(v, batch['images'], batch['pad_mask']))(variables)
-  assert set(evaluated) == {'pred_logits', 'pred_boxes', 'pred_vectors', 'aux_outputs'}
-  for got, want in zip(query_arrays(evaluated), query_arrays(out)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_one_to_many_matching_is_scipy_on_the_repeated_targets():
@@ -159,14 +128,13 @@ def test_bad_settings_are_named(tiny_config):
     losses.criterion_from_config(make_config(tiny_config, one_to_many_k=0).loss)
   with pytest.raises(ValueError, match='one_to_many_weight'):
     losses.criterion_from_config(make_config(tiny_config, one_to_many_weight=-1.0).loss)
-  with pytest.raises(ValueError, match='one_to_many_queries'):
-    build(micro_config(one_to_many_queries=-3))
 
 
 @pytest.mark.timeout(240)
-def test_sharded_hybrid_loss_and_grads_equal_single_device(tiny_config):
-  """The one-to-many matching runs per shard like the one-to-one one (criterion under a mesh of
-  8 simulated devices, as the train step traces it) and gives the single-device result."""
+def test_sharded_extra_query_set_losses_equal_single_device(tiny_config):
+  """The one-to-many matching and the extra groups' matching run per shard like the one-to-one
+  one (criterion under a mesh of 8 simulated devices, as the train step traces it) and give the
+  single-device result."""
   if jax.device_count() < 8:
     pytest.skip('needs 8 devices (tests/conftest.py sets them)')
   mesh = sharding.make_mesh(8)
@@ -184,6 +152,7 @@ def test_sharded_hybrid_loss_and_grads_equal_single_device(tiny_config):
     shifted = {k: jnp.concatenate([v, v[:, ::-1]], axis=1) for k, v in base.items()}
     out = dict(one_to_one, **{O2M: linear_model_outputs(
         0.5 * w, jnp.concatenate([feats, -feats], axis=2), shifted)})
+    out['group_outputs'] = [linear_model_outputs(-w, feats[:, :, ::-1], base)]
     terms = criterion(out, targets)
     return terms['total'], terms
 
@@ -195,7 +164,7 @@ def test_sharded_hybrid_loss_and_grads_equal_single_device(tiny_config):
           jax.device_put(base, batch_spec), jax.device_put(targets, batch_spec))
   sharded = sharding.under_mesh(mesh, jax.jit(grad_fn, out_shardings=NamedSharding(mesh, P())))
   (total, terms), grad = sharded(*args)
-  assert 'loss_giou_0_one_to_many' in terms
+  assert 'loss_giou_0_one_to_many' in terms and 'loss_vector_group1' in terms
   np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-6)
   for key in ref_terms:
     np.testing.assert_allclose(float(terms[key]), float(ref_terms[key]), rtol=1e-6, err_msg=key)

@@ -3,8 +3,9 @@
 `SOLQ.__call__(images [B,H,W,3], pad_mask [B,H,W], train=False)` returns per decoder layer the
 class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors; the last
 layer at the top level and layers 0..L-2 in `aux_outputs`. In training, extra query sets
-(`one_to_many_queries`, see `solq_jax.models.query_sets`) add their outputs, in the same layout,
-under their own keys (`one_to_many_outputs`); the top level is always the one-to-one set.
+(`one_to_many_queries`, `query_groups`, see `solq_jax.models.query_sets`) add their outputs, in
+the same layout, under their own keys (`one_to_many_outputs`; `group_outputs`, a list for groups
+1..G-1); the top level is always the one-to-one set (group 0).
 """
 import math
 from typing import Any
@@ -73,6 +74,7 @@ class SOLQ(nn.Module):
   attention_impl: str = 'xla'
   dtype: str = 'float32'
   one_to_many_queries: int = 0
+  query_groups: int = 1
   remat: str = 'none'
 
   def setup(self):
@@ -117,6 +119,12 @@ class SOLQ(nn.Module):
     if n:
       self.query_embed_one_to_many = nn.Embed(n, 2 * d,
                                               embedding_init=nn.initializers.normal(1.0))
+    g = self.query_groups
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+      raise ValueError(f'config.model.query_groups must be an integer >= 1, got {g!r}')
+    if g > 1:   # groups 1..G-1; group 0 is `query_embed`
+      self.query_embed_groups = nn.Embed((g - 1) * self.num_queries, 2 * d,
+                                         embedding_init=nn.initializers.normal(1.0))
 
   @property
   def num_backbone_levels(self):
@@ -151,6 +159,10 @@ class SOLQ(nn.Module):
     sets = []
     if self.one_to_many_queries:
       sets.append(('one_to_many_outputs', self.query_embed_one_to_many.embedding))
+    if self.query_groups > 1:
+      groups = self.query_embed_groups.embedding.reshape(self.query_groups - 1, self.num_queries,
+                                                         -1)
+      sets += [('group_outputs', e) for e in groups]
     return sets if train else []
 
   def decode(self, memory, masks, train=False):
@@ -169,7 +181,10 @@ class SOLQ(nn.Module):
     blocks = query_sets.split_rows(self.heads(hs, references, boxes), sizes)
     out = query_sets.stack_layers(blocks[0])
     for (key, _), block in zip(extra, blocks[1:]):
-      out[key] = query_sets.stack_layers(block)
+      if key == 'group_outputs':
+        out.setdefault(key, []).append(query_sets.stack_layers(block))
+      else:
+        out[key] = query_sets.stack_layers(block)
     return out
 
   def heads(self, hs, references, boxes):

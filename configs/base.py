@@ -47,6 +47,13 @@ def model_config() -> ml_collections.ConfigDict:
       # statistics, sampling locations, reference points and boxes; the deformable-attention
       # core accumulates in float32; outputs, matching, losses and post-processing are float32.
       dtype='float32',
+      # Hybrid matching (H-DETR): this many extra queries, trained one-to-many (loss.one_to_many_*)
+      # and hidden from the one-to-one queries in self-attention; inference uses the
+      # one-to-one set alone. 0 = off (official SOLQ).
+      one_to_many_queries=0,
+      # Group DETR: this many groups of num_queries queries, each matched one-to-one, hidden
+      # from each other in self-attention; inference uses the first group. 1 = off (official).
+      query_groups=1,
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))
@@ -76,6 +83,10 @@ def loss_config() -> ml_collections.ConfigDict:
       cost_class=2.0,
       cost_bbox=5.0,
       cost_giou=2.0,
+      # Hybrid matching (model.one_to_many_queries > 0): the one-to-many queries are matched to
+      # every ground truth repeated k times; their loss enters the total times the weight.
+      one_to_many_k=6,
+      one_to_many_weight=1.0,
   ))
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from solq_jax import box_ops
+from solq_jax import group_detr
+from solq_jax import hybrid_matching
 from solq_jax import matching
 
 
@@ -326,18 +328,23 @@ def criterion_from_config(loss_config, coder=None, num_decoder_layers=None,
   `solq_losses` with the settings of `config.loss`. `coder`: the model's mask coder (needed by
   the 'dice' variant). `num_decoder_layers` (`config.model.dec_layers`): needed by
   `loss.vector_stages`. `with_masks=False` (`config.model.with_masks`, detection only): no
-  vector term at any stage."""
+  vector term at any stage. Outputs of extra query sets get their own terms
+  (`hybrid_matching`, `group_detr`)."""
   lc = loss_config
   if not with_masks:
-    return functools.partial(
+    one_to_one = functools.partial(
         solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=None,
         weights=loss_weights(lc), aux_loss=lc.aux_loss, focal_alpha=lc.focal_alpha,
         focal_gamma=lc.focal_gamma)
-  return functools.partial(
-      solq_losses, matcher=matching.matcher_from_config(lc),
-      vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness,
-                                 lc.vector_loss_weights),
-      weights=loss_weights(lc), aux_loss=lc.aux_loss,
-      vector_start_stage=vector_start_stage(lc, num_decoder_layers),
-      vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
-      focal_gamma=lc.focal_gamma)
+  else:
+    one_to_one = functools.partial(
+        solq_losses, matcher=matching.matcher_from_config(lc),
+        vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness,
+                                   lc.vector_loss_weights),
+        weights=loss_weights(lc), aux_loss=lc.aux_loss,
+        vector_start_stage=vector_start_stage(lc, num_decoder_layers),
+        vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
+        focal_gamma=lc.focal_gamma)
+  criterion = hybrid_matching.with_one_to_many(one_to_one, lc.one_to_many_k,
+                                               lc.one_to_many_weight)
+  return group_detr.with_groups(criterion, one_to_one)

@@ -3,7 +3,9 @@
 `SOLQ.__call__(images [B,H,W,3], pad_mask [B,H,W], train=False)` returns per decoder layer the
 class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors (not with
 `with_masks=False`: detection only, the paper's Deformable DETR baseline); the last layer at the
-top level and layers 0..L-2 in `aux_outputs`.
+top level and layers 0..L-2 in `aux_outputs`. In training, extra query sets
+(`one_to_many_queries`, `query_groups`, see `solq_jax.models.query_sets`) add their outputs, in
+the same layout, under their own keys; the top level is always the one-to-one set.
 """
 import math
 from typing import Any
@@ -17,6 +19,7 @@ from solq_jax.models.backbone import ResNet
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
+from solq_jax.models import query_sets
 from solq_jax.models.swin import SwinTransformer, is_swin
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
@@ -73,6 +76,8 @@ class SOLQ(nn.Module):
   with_masks: bool = True     # False: detection only (Deformable DETR), no vector head
   attention_impl: str = 'xla'
   dtype: str = 'float32'
+  one_to_many_queries: int = 0
+  query_groups: int = 1
   remat: str = 'none'
 
   def setup(self):
@@ -120,6 +125,18 @@ class SOLQ(nn.Module):
                               box_bias_quirk(self.num_coeffs), dtype)
     self.query_embed = nn.Embed(self.num_queries, 2 * d,
                                 embedding_init=nn.initializers.normal(1.0))
+    n = self.one_to_many_queries
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ValueError(f'config.model.one_to_many_queries must be an integer >= 0, got {n!r}')
+    if n:
+      self.query_embed_one_to_many = nn.Embed(n, 2 * d,
+                                              embedding_init=nn.initializers.normal(1.0))
+    g = self.query_groups
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+      raise ValueError(f'config.model.query_groups must be an integer >= 1, got {g!r}')
+    if g > 1:   # groups 1..G-1; group 0 is `query_embed`
+      self.query_embed_groups = nn.Embed((g - 1) * self.num_queries, 2 * d,
+                                         embedding_init=nn.initializers.normal(1.0))
 
   @property
   def num_backbone_levels(self):
@@ -148,11 +165,43 @@ class SOLQ(nn.Module):
     pos = [sine_position_encoding(m, self.hidden_dim // 2) for m in masks]
     return srcs, masks, pos
 
+  def extra_query_sets(self, train):
+    """`[(output key, query_embed [N, 2D])]` of the extra query sets run with this call: only
+    in training (inference reads the one-to-one set alone). The embeddings are read in any case
+    so that `init` creates them."""
+    sets = []
+    if self.one_to_many_queries:
+      sets.append(('one_to_many_outputs', self.query_embed_one_to_many.embedding))
+    if self.query_groups > 1:
+      groups = self.query_embed_groups.embedding.reshape(self.query_groups - 1, self.num_queries,
+                                                         -1)
+      sets += [('group_outputs', e) for e in groups]
+    return sets if train else []
+
   def decode(self, memory, masks, train=False):
     """Decoder and heads: memory `[B, S, D]` and per-level masks -> the output dict."""
     refine = self.bbox_embed if self.with_box_refine else None
-    hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
-                                                    train, refine)
+    extra = self.extra_query_sets(train)
+    if not extra:
+      hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
+                                                      train, refine)
+      return query_sets.stack_layers(self.heads(hs, references, boxes))
+    embeds = [self.query_embed.embedding] + [e for _, e in extra]
+    sizes = [e.shape[0] for e in embeds]
+    hs, references, boxes = self.transformer.decode(
+        memory, masks, jnp.concatenate(embeds), train, refine,
+        query_sets.block_attention_mask(sizes))
+    blocks = query_sets.split_rows(self.heads(hs, references, boxes), sizes)
+    out = query_sets.stack_layers(blocks[0])
+    for (key, _), block in zip(extra, blocks[1:]):
+      if key == 'group_outputs':
+        out.setdefault(key, []).append(query_sets.stack_layers(block))
+      else:
+        out[key] = query_sets.stack_layers(block)
+    return out
+
+  def heads(self, hs, references, boxes):
+    """Per decoder layer `{pred_logits, pred_boxes, pred_vectors}` from the decoder's outputs."""
     outputs = []
     for l, h in enumerate(hs):
       head = l if self.with_box_refine else 0
@@ -164,9 +213,7 @@ class SOLQ(nn.Module):
                       'pred_boxes': box})
       if self.with_masks:
         outputs[-1]['pred_vectors'] = self.vector_embed(h).astype(jnp.float32)
-    out = dict(outputs[-1])
-    out['aux_outputs'] = outputs[:-1]
-    return out
+    return outputs
 
   def __call__(self, images, pad_mask, train=False):
     srcs, masks, pos = self.features(images, pad_mask, train)

@@ -120,7 +120,10 @@ class EncoderLayer(_Layer):
 
 
 class MultiheadAttention(nn.Module):
-  """torch `nn.MultiheadAttention` (no masks) with q/k/v/out as separate `[D, D]` Dense layers.
+  """torch `nn.MultiheadAttention` with q/k/v/out as separate `[D, D]` Dense layers.
+
+  `mask` (call argument): None, or bool `[Lq, Lk]`, True where a query may attend to a key
+  (every query must see at least one key); masked keys get exactly zero weight.
 
   Init as the official decoder: the packed q|k|v matrix `[3D, D]` is xavier-initialised as a
   whole (so each third has the packed bound), the out projection xavier, all biases zero.
@@ -131,7 +134,7 @@ class MultiheadAttention(nn.Module):
   dtype: Any = jnp.float32      # projections in `dtype`, the softmax in float32
 
   @nn.compact
-  def __call__(self, query, key, value, train):
+  def __call__(self, query, key, value, train, mask=None):
     d, m = self.d_model, self.n_heads
     bound = math.sqrt(6.0 / (d + 3 * d))
     packed_init = lambda k, shape, dtype=jnp.float32: jax.random.uniform(
@@ -144,8 +147,10 @@ class MultiheadAttention(nn.Module):
     q = heads(proj('query')(query)) * (1.0 / math.sqrt(d // m))
     k = heads(proj('key')(key))
     v = heads(proj('value')(value))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = Dropout(self.dropout)(weights, not train)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, lq, d)
     return proj('out', xavier_uniform)(out)
@@ -153,14 +158,16 @@ class MultiheadAttention(nn.Module):
 
 class DecoderLayer(_Layer):
   """Self-attention -> norm2, deformable cross-attention -> norm1, FFN -> norm3 (official
-  names), each post-norm with dropout on the residual branch."""
+  names), each post-norm with dropout on the residual branch. `self_attn_mask`: see
+  `MultiheadAttention`'s `mask`."""
 
   @nn.compact
   def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask,
-               train):
+               train, self_attn_mask=None):
     q = tgt + query_pos
     tgt = self.norm('norm2')(tgt + self.drop(MultiheadAttention(
-        self.d_model, self.n_heads, self.dropout, self.dtype, name='self_attn')(q, q, tgt, train),
+        self.d_model, self.n_heads, self.dropout, self.dtype, name='self_attn')(q, q, tgt, train,
+                                                                   self_attn_mask),
         train))
     cross = self.deformable_attention('cross_attn')
     tgt = self.norm('norm1')(tgt + self.drop(
@@ -190,6 +197,7 @@ class Decoder(nn.Module):
   outputs, or None (no refinement: every layer keeps the initial 2-d reference). Returns
   `(hs, references, boxes)`: per layer the output, the reference it read, and (with refinement)
   `refine_boxes(head(hs_l), reference_l)`, whose stop-gradient is the next layer's reference.
+  `self_attn_mask`: None or bool `[Q, Q]` (True = may attend), for every layer's self-attention.
   The references and boxes are float32 whatever the layers' dtype.
   """
   num_layers: int
@@ -198,7 +206,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, ratios,
-               padding_mask, train, bbox_embed: Optional[Sequence[Callable]] = None):
+               padding_mask, train, bbox_embed: Optional[Sequence[Callable]] = None,
+               self_attn_mask=None):
     hs, references, boxes = [], [], []
     layer_cls = maybe_remat(DecoderLayer, self.remat, static_argnums=(5, 7))
     for i in range(self.num_layers):
@@ -207,7 +216,8 @@ class Decoder(nn.Module):
       else:
         ref_input = reference_points[:, :, None] * ratios[:, None]
       tgt = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
-          tgt, query_pos, ref_input, memory, spatial_shapes, padding_mask, train)
+          tgt, query_pos, ref_input, memory, spatial_shapes, padding_mask, train,
+          self_attn_mask)
       hs.append(tgt)
       references.append(reference_points)
       if bbox_embed is not None:
@@ -264,8 +274,9 @@ class DeformableTransformer(nn.Module):
     return self.encoder(flatten_levels(srcs).astype(self.dtype), pos_flat.astype(self.dtype),
                         spatial_shapes, valid_ratios(masks), flatten_levels(masks), train)
 
-  def decode(self, memory, masks, query_embed, train, bbox_embed=None):
-    """memory `[B, S, D]`, per-level masks, query_embed `[Q, 2D]` -> (hs, references, boxes)."""
+  def decode(self, memory, masks, query_embed, train, bbox_embed=None, self_attn_mask=None):
+    """memory `[B, S, D]`, per-level masks, query_embed `[Q, 2D]` -> (hs, references, boxes).
+    `self_attn_mask`: None or bool `[Q, Q]`, True where query i may attend to query j."""
     d = self.d_model
     b = memory.shape[0]
     spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
@@ -274,7 +285,7 @@ class DeformableTransformer(nn.Module):
     reference_points = jax.nn.sigmoid(self.reference_points(query_pos))   # float32
     return self.decoder(tgt.astype(self.dtype), query_pos.astype(self.dtype), reference_points,
                         memory.astype(self.dtype), spatial_shapes, valid_ratios(masks),
-                        flatten_levels(masks), train, bbox_embed)
+                        flatten_levels(masks), train, bbox_embed, self_attn_mask)
 
   def __call__(self, srcs, masks, pos_embeds, query_embed, train, bbox_embed=None):
     memory = self.encode(srcs, masks, pos_embeds, train)

@@ -13,6 +13,10 @@ def model_config() -> ml_collections.ConfigDict:
   """The network (solq_jax.models) and its mask coder (solq_jax.masks)."""
   return ml_collections.ConfigDict(dict(
       backbone='resnet50',          # resnet18 | resnet34 | resnet50 | resnet101 | swin_t|s|b|l
+                                    # (| resnet10: one block per stage, no pretrained weights)
+      # A ResNet's stem width (stages: x1, x2, x4, x8); torchvision and official weights: 64.
+      # Narrower bodies are for training from scratch on a CPU (the test suite).
+      backbone_width=64,
       # Training from scratch (no pretrained weights): 'group_norm' trains a GroupNorm where the
       # official model has frozen batch norm, and 0 frozen stages trains the stem and layer1 too.
       backbone_norm='frozen_bn',    # frozen_bn (official; torchvision/official weights) | group_norm

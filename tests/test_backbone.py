@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from solq_jax import models
 from solq_jax.models.backbone import (Bottleneck, FrozenBatchNorm, ResNet, backbone_channels,
                                       frozen_module)
 
@@ -119,6 +120,7 @@ def test_frozen_stem_and_layer1_get_no_gradient(resnet18_small):
 
 
 @pytest.mark.parametrize('name,blocks,channels', [
+    ('resnet10', (1, 1, 1, 1), (128, 256, 512)),
     ('resnet18', (2, 2, 2, 2), (128, 256, 512)),
     ('resnet50', (3, 4, 6, 3), (512, 1024, 2048)),
     ('resnet101', (3, 4, 23, 3), (512, 1024, 2048)),
@@ -139,7 +141,7 @@ def test_shapes_and_layout(name, blocks, channels):
     assert ('downsample' in v['params'][f'layer{stage + 1}_0']) == (
         stage > 0 or name in ('resnet50', 'resnet101'))
   assert 'conv3' in v['params']['layer1_0'] and 'bn3' in v['buffers']['layer1_0'] or (
-      name == 'resnet18')
+      name in ('resnet10', 'resnet18'))
   assert not any('bias' in leaf for leaf in jax.tree_util.tree_leaves(
       jax.tree_util.tree_map_with_path(lambda path, _: str(path), v['params'])))
 
@@ -197,3 +199,50 @@ def test_bad_backbone_knobs_are_named():
     jax.eval_shape(ResNet('resnet18', norm='batch_norm').init, jax.random.key(0), x)
   with pytest.raises(ValueError, match='backbone_frozen_stages'):
     jax.eval_shape(ResNet('resnet18', frozen_stages=5).init, jax.random.key(0), x)
+
+
+def test_narrow_width_scales_every_conv_and_group_norm():
+  """backbone_width=16: every conv has a quarter of torchvision's channels (stem 16, stages
+  16/32/64/128), the returned maps 32/64/128 channels; GroupNorm keeps 2 channels per group
+  below 64 channels, 32 groups from 64 up (torchvision widths unchanged)."""
+  x = jnp.zeros((1, 64, 96, 3))
+  wide = jax.eval_shape(ResNet('resnet10').init, jax.random.key(0), x)['params']
+  model = ResNet('resnet10', norm='group_norm', frozen_stages=0, width=16)
+  narrow = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  shapes = lambda t: {jax.tree_util.keystr(p): x.shape for p, x in
+                      jax.tree_util.tree_flatten_with_path(t)[0] if 'kernel' in str(p)}
+  wide, narrow_k = shapes(wide), shapes(narrow)
+  assert set(wide) == set(narrow_k)
+  for key, (kh, kw, cin, cout) in wide.items():
+    assert narrow_k[key] == (kh, kw, 3 if cin == 3 else cin // 4, cout // 4), key
+  outs = jax.eval_shape(model.apply, {'params': narrow}, x)
+  assert [o.shape[-1] for o in outs] == list(backbone_channels('resnet10', 16)) == [32, 64, 128]
+  v = model.init(jax.random.key(1), RNG.standard_normal((1, 33, 41, 3)).astype(np.float32))
+  _, state = model.apply(v, RNG.standard_normal((1, 33, 41, 3)).astype(np.float32),
+                         capture_intermediates=True, mutable=['intermediates'])
+  pre = np.asarray(state['intermediates']['conv1']['__call__'][0], np.float64)
+  post = np.asarray(state['intermediates']['bn1']['__call__'][0], np.float64)
+  grouped = pre.reshape(1, -1, 8, 2)        # 16 channels: 8 groups of 2
+  want = (grouped - grouped.mean((1, 3), keepdims=True)) / np.sqrt(
+      grouped.var((1, 3), keepdims=True) + 1e-5)
+  np.testing.assert_allclose(post, want.reshape(pre.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_width_and_unconvertible_backbones_are_named():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from solq_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1, 32, 32, 3))
+  for width in (12, 0):
+    with pytest.raises(ValueError, match='backbone_width'):
+      jax.eval_shape(ResNet('resnet18', width=width).init, jax.random.key(0), x)
+  config = tiny.get_config()
+  config.model.backbone_width = 32
+  with pytest.raises(ValueError, match='backbone_width=32'):
+    convert.model_plan(config.model)
+  config.model.update(backbone='resnet10', backbone_width=64)
+  with pytest.raises(ValueError, match="backbone='resnet10' has no published weights"):
+    convert.backbone_plan(config.model)
+  config.model.update(backbone='swin_t', backbone_width=32)
+  with pytest.raises(ValueError, match='backbone_width=32 is a ResNet knob'):
+    jax.eval_shape(lambda: models.init_variables(models.build_model(config.model),
+                                                 jax.random.key(0)))

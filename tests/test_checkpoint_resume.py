@@ -56,7 +56,7 @@ def test_stop_and_resume_is_exact(reference, tmp_path):
 def test_sigkill_mid_save_then_resume(reference, tmp_path):
   ref_dir, ref_state = reference
   ckpt_dir = tmp_path / 'checkpoints'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ,   # conftest's XLA_FLAGS: 8 devices
              JAX_PLATFORMS='cpu')
   cmd = [sys.executable, 'train.py', '--config', train_helpers.CONFIG_FILE,
          '--workdir', str(tmp_path), '--config.train.checkpoint_every_steps=1']

@@ -28,7 +28,8 @@ def run_two_processes(args, tmp_path):
   """Runs `python ARGS` as 2 processes of 4 CPU devices joined through jax.distributed on
   localhost; asserts both exit 0 (their stderr is kept in tmp_path)."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  flags = os.environ['XLA_FLAGS'].replace('device_count=8', 'device_count=4')   # conftest's
+  env = dict(os.environ, XLA_FLAGS=flags,
              JAX_PLATFORMS='cpu')
   procs = []
   for pid in range(2):

@@ -33,8 +33,14 @@ RESNET_LAYOUTS = {
     'resnet34': ('basic', (3, 4, 6, 3)),
     'resnet50': ('bottleneck', (3, 4, 6, 3)),
     'resnet101': ('bottleneck', (3, 4, 23, 3)),
+    # Not a torchvision depth (no pretrained weights): the cheapest body with every stage, for
+    # training from scratch on a CPU (the demo, the test suite).
+    'resnet10': ('basic', (1, 1, 1, 1)),
 }
-_WIDTHS = (64, 128, 256, 512)
+# Stage widths as multiples of the stem width (`ResNet.width`; torchvision's 64).
+_STAGE_MULTIPLES = (1, 2, 4, 8)
+TORCHVISION_WIDTH = 64
+PRETRAINED_LAYOUTS = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 BN_EPS = 1e-5
 NORMS = ('frozen_bn', 'group_norm')
 GN_GROUPS = 32
@@ -63,13 +69,22 @@ def resnet_layout(name: str):
   return RESNET_LAYOUTS[name]
 
 
-def backbone_channels(name: str):
-  """Channels of the returned (layer2, layer3, layer4) maps: 128/256/512 or 512/1024/2048
-  (Swin: its stages 2..4, 2C/4C/8C)."""
+def backbone_channels(name: str, width: int = TORCHVISION_WIDTH):
+  """Channels of the returned (layer2, layer3, layer4) maps: 128/256/512 or 512/1024/2048 at
+  the torchvision width (Swin: its stages 2..4, 2C/4C/8C)."""
   if swin.is_swin(name):
     return swin.swin_channels(name)
   kind, _ = resnet_layout(name)
-  return tuple(w * _BLOCKS[kind].expansion for w in _WIDTHS[1:])
+  return tuple(width * k * _BLOCKS[kind].expansion for k in _STAGE_MULTIPLES[1:])
+
+
+def check_width(width: int, name: str):
+  if not isinstance(width, int) or width < 8 or width % 8:
+    raise ValueError(f'config.model.backbone_width must be a multiple of 8 (>= 8; torchvision '
+                     f'and the official weights: {TORCHVISION_WIDTH}), got {width!r}')
+  if width != TORCHVISION_WIDTH and swin.is_swin(name):
+    raise ValueError(f'config.model.backbone_width={width} is a ResNet knob; {name} sets its '
+                     f'own widths (leave it at {TORCHVISION_WIDTH})')
 
 
 # torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
@@ -97,13 +112,15 @@ class FrozenBatchNorm(nn.Module):
     return x * s.astype(x.dtype) + (bias - mean * s).astype(x.dtype)
 
 
-def norm_layer(kind: str, name: str, dtype=jnp.float32) -> nn.Module:
-  """The backbone's normalisation after a conv: `FrozenBatchNorm` or a trained `GroupNorm`
-  (statistics in float32 whatever `dtype`, the output in `dtype`)."""
+def norm_layer(kind: str, name: str, dtype=jnp.float32, channels: int = 64) -> nn.Module:
+  """The backbone's normalisation after a conv of `channels` outputs: `FrozenBatchNorm` or a
+  trained `GroupNorm` (statistics in float32 whatever `dtype`, the output in `dtype`; 32
+  groups, fewer below 64 channels so that a group keeps two channels)."""
   if kind == 'frozen_bn':
     return FrozenBatchNorm(name=name)
   if kind == 'group_norm':
-    return nn.GroupNorm(num_groups=GN_GROUPS, epsilon=BN_EPS, dtype=dtype, name=name)
+    return nn.GroupNorm(num_groups=min(GN_GROUPS, channels // 2), epsilon=BN_EPS, dtype=dtype,
+                        name=name)
   raise ValueError(f'config.model.backbone_norm must be one of {NORMS}, got {kind!r}')
 
 
@@ -117,8 +134,8 @@ class _Block(nn.Module):
   dtype: Any = jnp.float32
   expansion = 1
 
-  def bn(self, name):
-    return norm_layer(self.norm, name, self.dtype)
+  def bn(self, name, channels):
+    return norm_layer(self.norm, name, self.dtype, channels)
 
   def conv(self, features, kernel, stride, name):
     return conv(features, kernel, stride, name, self.dtype)
@@ -127,7 +144,7 @@ class _Block(nn.Module):
     if not self.downsample:
       return x
     out = self.conv(self.width * self.expansion, 1, self.stride, 'downsample')(x)
-    return self.bn('downsample_bn')(out)
+    return self.bn('downsample_bn', self.width * self.expansion)(out)
 
 
 class BasicBlock(_Block):
@@ -135,8 +152,8 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(self.bn('bn1')(self.conv(self.width, 3, self.stride, 'conv1')(x)))
-    out = self.bn('bn2')(self.conv(self.width, 3, 1, 'conv2')(out))
+    out = nn.relu(self.bn('bn1', self.width)(self.conv(self.width, 3, self.stride, 'conv1')(x)))
+    out = self.bn('bn2', self.width)(self.conv(self.width, 3, 1, 'conv2')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -146,9 +163,10 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(self.bn('bn1')(self.conv(self.width, 1, 1, 'conv1')(x)))
-    out = nn.relu(self.bn('bn2')(self.conv(self.width, 3, self.stride, 'conv2')(out)))
-    out = self.bn('bn3')(self.conv(self.width * self.expansion, 1, 1, 'conv3')(out))
+    w = self.width
+    out = nn.relu(self.bn('bn1', w)(self.conv(w, 1, 1, 'conv1')(x)))
+    out = nn.relu(self.bn('bn2', w)(self.conv(w, 3, self.stride, 'conv2')(out)))
+    out = self.bn('bn3', w * self.expansion)(self.conv(w * self.expansion, 1, 1, 'conv3')(out))
     return nn.relu(out + self.shortcut(x))
 
 
@@ -161,10 +179,15 @@ class ResNet(nn.Module):
   norm: str = 'frozen_bn'
   frozen_stages: int = 1        # the modules `frozen_module` names get no gradient
   dtype: Any = jnp.float32      # computation dtype (the input is cast to it); params float32
+  width: int = TORCHVISION_WIDTH  # the stem's channels; stage s has width * 2**(s-1) (x4)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
+    # `train` is the backbones' shared signature (Swin's stochastic depth); a ResNet with
+    # frozen batch norms or GroupNorm computes the same in both modes.
+    del train
     kind, blocks = resnet_layout(self.variant)
+    check_width(self.width, self.variant)
     block_cls = _BLOCKS[kind]
     if not 0 <= self.frozen_stages <= 4:
       raise ValueError('config.model.backbone_frozen_stages must be in 0..4 (0: train the '
@@ -174,13 +197,15 @@ class ResNet(nn.Module):
     units = [STEM[0]] + [f'layer{stage + 1}_0' for stage in range(len(blocks))]
     last_frozen = max((i for i, u in enumerate(units) if frozen_module(u, self.frozen_stages)),
                       default=-1)
-    x = nn.relu(norm_layer(self.norm, 'bn1', self.dtype)(conv(64, 7, 2, 'conv1', self.dtype)(x)))
+    stem = conv(self.width, 7, 2, 'conv1', self.dtype)(x)
+    x = nn.relu(norm_layer(self.norm, 'bn1', self.dtype, self.width)(stem))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if last_frozen == 0:
       x = jax.lax.stop_gradient(x)
-    in_channels = 64
+    in_channels = self.width
     outputs = []
-    for stage, (width, n) in enumerate(zip(_WIDTHS, blocks)):
+    widths = [self.width * k for k in _STAGE_MULTIPLES]
+    for stage, (width, n) in enumerate(zip(widths, blocks)):
       out_channels = width * block_cls.expansion
       for k in range(n):
         stride = 2 if (stage > 0 and k == 0) else 1

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solq_jax.models.backbone import ResNet
+from solq_jax.models.backbone import ResNet, check_width
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
@@ -58,6 +58,7 @@ class SOLQ(nn.Module):
   backbone: str = 'resnet50'
   backbone_norm: str = 'frozen_bn'
   backbone_frozen_stages: int = 1
+  backbone_width: int = 64
   drop_path_rate: float = 0.2
   hidden_dim: int = 384
   nheads: int = 8
@@ -94,6 +95,7 @@ class SOLQ(nn.Module):
     if self.num_feature_levels == 2 or self.num_feature_levels < 1:
       raise ValueError('config.model.num_feature_levels must be 1 (layer4 only) or >= 3 '
                        f'(layer2..4 plus extra levels), got {self.num_feature_levels}')
+    check_width(self.backbone_width, self.backbone)
     if is_swin(self.backbone):
       if self.backbone_norm != 'frozen_bn':
         raise ValueError(f'config.model.backbone_norm={self.backbone_norm!r} is a ResNet knob; '
@@ -103,7 +105,8 @@ class SOLQ(nn.Module):
                                   remat=self.remat in ('backbone', 'all'), name='backbone')
     else:
       self.body = ResNet(self.backbone, norm=self.backbone_norm,
-                         frozen_stages=self.backbone_frozen_stages, dtype=dtype, name='backbone')
+                         frozen_stages=self.backbone_frozen_stages, dtype=dtype,
+                         width=self.backbone_width, name='backbone')
     n_backbone = self.num_backbone_levels
     self.input_proj = [InputProj(d, 1, 1, dtype) if l < n_backbone else InputProj(d, 3, 2, dtype)
                        for l in range(self.num_feature_levels)]
@@ -149,7 +152,7 @@ class SOLQ(nn.Module):
     if pad_mask.shape != images.shape[:3]:
       raise ValueError(f'pad_mask must be {images.shape[:3]} (bool, True on padding), got '
                        f'{pad_mask.shape}')
-    feats = self.body(images, train) if is_swin(self.backbone) else self.body(images)
+    feats = self.body(images, train)
     return self.project(feats, pad_mask)
 
   def project(self, feats, pad_mask):

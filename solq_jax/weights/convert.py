@@ -104,6 +104,19 @@ class _Plan:
       self.linear([f'{k}.layers.{j}' for k in keys], f'{flax}/layers_{j}', n_out, n_in)
 
 
+def _check_convertible(model_config):
+  """Published weights exist only for torchvision's ResNet layouts at their width (and Swin)."""
+  m = model_config
+  if backbone_lib.swin.is_swin(m.backbone):
+    return
+  if m.backbone not in backbone_lib.PRETRAINED_LAYOUTS:
+    raise ValueError(f'config.model.backbone={m.backbone!r} has no published weights to '
+                     f'convert (one of {backbone_lib.PRETRAINED_LAYOUTS} or a Swin)')
+  if m.get('backbone_width', backbone_lib.TORCHVISION_WIDTH) != backbone_lib.TORCHVISION_WIDTH:
+    raise ValueError(f'config.model.backbone_width={m.backbone_width}: published ResNet weights '
+                     f'have width {backbone_lib.TORCHVISION_WIDTH}')
+
+
 def _add_backbone(plan: _Plan, backbone: str, prefix: str):
   if backbone_lib.swin.is_swin(backbone):
     swin_keys.add_swin(plan, backbone, prefix)
@@ -148,6 +161,7 @@ def model_plan(model_config) -> list:
   """The rules for a whole official SOLQ state dict (meta_arch solq, with_vector)."""
   m = model_config
   d, n_dec = m.hidden_dim, m.dec_layers
+  _check_convertible(m)
   plan = _Plan()
   _add_backbone(plan, m.backbone, OFFICIAL_BACKBONE_PREFIX)
   channels = backbone_lib.backbone_channels(m.backbone)
@@ -205,6 +219,7 @@ def model_plan(model_config) -> list:
 
 def backbone_plan(model_config, prefix: str = '') -> list:
   """The rules for the ResNet body with torch keys under `prefix`."""
+  _check_convertible(model_config)
   plan = _Plan()
   _add_backbone(plan, model_config.backbone, prefix)
   return plan.rules

@@ -19,22 +19,45 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))
 
-# Runs under the torch interpreter: builds the official model and prints its timings as JSON.
-_OFFICIAL = r'''
+# Runs under the torch interpreter (argv: official checkout, height, width, runs): stands in for
+# the official code's compiled and optional imports, then builds its R50 SOLQ as `model` (random
+# weights). `benchmarks/official_step.py` appends its training step to the same text.
+OFFICIAL_MODEL = r'''
 import argparse, json, os, statistics, sys, time, types
 import torch, torchvision
 official, height, width, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torchvision.__version__ = '0.99.0'          # util/misc.py parses its first three characters
 for name in ('MultiScaleDeformableAttention', 'cv2', 'pywt', 'matplotlib', 'matplotlib.pyplot',
              'detectron2', 'detectron2.structures', 'detectron2.layers', 'detectron2.utils',
-             'detectron2.utils.memory', 'scipy', 'scipy.optimize', 'scipy.fftpack'):
+             'detectron2.utils.memory'):
   sys.modules.setdefault(name, types.ModuleType(name))
 unused = lambda *a, **k: None
-sys.modules['detectron2.structures'].BitMasks = object
+
+
+class BitMasks:
+  # detectron2's crop_and_resize: RoIAlign (aligned, one sample per bin) of each mask in its
+  # box, thresholded at 0.5; only the training step's vector loss calls it.
+  def __init__(self, tensor):
+    self.tensor = tensor
+
+  def crop_and_resize(self, boxes, size):
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)
+    out = torchvision.ops.roi_align(self.tensor[:, None].float(), rois, (size, size), 1.0, 0,
+                                    aligned=True)
+    return out[:, 0] >= 0.5
+
+
+sys.modules['detectron2.structures'].BitMasks = BitMasks
 sys.modules['detectron2.layers'].paste_masks_in_image = unused
 sys.modules['detectron2.utils.memory'].retry_if_cuda_oom = lambda f: f
-sys.modules['scipy.optimize'].linear_sum_assignment = unused
-sys.modules['scipy.fftpack'].dct = sys.modules['scipy.fftpack'].idct = unused
+try:        # the step's matcher and DCT targets need scipy; the forward does not
+  import scipy.fft, scipy.optimize, scipy.fftpack  # noqa: E401
+  sys.modules['cv2'].dct = lambda x: scipy.fft.dctn(x, norm='ortho').astype(x.dtype)
+except ImportError:
+  for name in ('scipy', 'scipy.optimize', 'scipy.fftpack'):
+    sys.modules.setdefault(name, types.ModuleType(name))
+  sys.modules['scipy.optimize'].linear_sum_assignment = unused
+  sys.modules['scipy.fftpack'].dct = sys.modules['scipy.fftpack'].idct = unused
 resnet50 = torchvision.models.resnet50
 torchvision.models.resnet50 = lambda pretrained=False, **kw: resnet50(weights=None, **kw)
 sys.path.insert(0, official)
@@ -62,7 +85,10 @@ transformer = DeformableTransformer(d_model=384, nhead=8, num_encoder_layers=6,
     two_stage=False, two_stage_num_proposals=300)
 model = SOLQ(build_backbone(args), transformer, num_classes=91, num_queries=300,
              num_feature_levels=4, aux_loss=True, with_box_refine=True, two_stage=False,
-             with_vector=True, processor_dct=ProcessorDCT(256, 128), vector_hidden_dim=1024).eval()
+             with_vector=True, processor_dct=ProcessorDCT(256, 128), vector_hidden_dim=1024)
+'''
+_FORWARD = OFFICIAL_MODEL + r'''
+model.eval()
 torch.manual_seed(0)
 x = NestedTensor(torch.randn(1, 3, height, width), torch.zeros(1, height, width, dtype=torch.bool))
 times = []
@@ -104,7 +130,7 @@ def main():
   p.add_argument('--runs', type=int, default=3)
   a = p.parse_args()
   import statistics  # pylint: disable=g-import-not-at-top
-  out = subprocess.run([a.torch_python, '-c', _OFFICIAL, os.path.abspath(a.official),
+  out = subprocess.run([a.torch_python, '-c', _FORWARD, os.path.abspath(a.official),
                         str(a.height), str(a.width), str(a.runs)],
                        check=True, capture_output=True, text=True).stdout
   official = json.loads(out.strip().splitlines()[-1])

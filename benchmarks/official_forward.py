@@ -129,21 +129,33 @@ def main():
   p.add_argument('--width', type=int, default=1066)
   p.add_argument('--runs', type=int, default=3)
   a = p.parse_args()
-  import statistics  # pylint: disable=g-import-not-at-top
-  out = subprocess.run([a.torch_python, '-c', _FORWARD, os.path.abspath(a.official),
-                        str(a.height), str(a.width), str(a.runs)],
-                       check=True, capture_output=True, text=True).stdout
-  official = json.loads(out.strip().splitlines()[-1])
-  base = statistics.median(official['times'])
-  print(f'R50 forward, batch 1 at {a.height}x{a.width}, median of {a.runs} after one warm-up')
-  print('| model | median s | calls s | vs official |\n|---|---|---|---|')
-  print(f'| official PyTorch {official["torch"]} ({official["threads"]} threads) | {base:.2f} | '
-        f'{", ".join(f"{t:.2f}" for t in official["times"])} | 1.00x |', flush=True)
+  base = run_official(_FORWARD, a.official, a.torch_python, a.height, a.width, a.runs,
+                      f'R50 forward, batch 1 at {a.height}x{a.width}')
   for dtype in ('float32', 'bfloat16'):
     t = ours(dtype, a.height, a.width, a.runs)
-    print(f'| solq-jax {dtype} | {t.median:.2f} | {", ".join(f"{x:.2f}" for x in t.wall)} | '
-          f'{base / t.median:.2f}x faster |', flush=True)
+    print_ours(dtype, base, t.median, t.wall)
 
+
+def run_official(code, official, torch_python, height, width, runs, title):
+  """Runs `code` (OFFICIAL_MODEL + a timing tail) under `torch_python`, prints the table's
+  head and the official row; returns the official median in seconds."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  done = subprocess.run([torch_python, '-c', code, os.path.abspath(official), str(height),
+                         str(width), str(runs)], check=False, capture_output=True, text=True)
+  if done.returncode:
+    sys.exit(f'the official code failed:\n{done.stderr[-3000:]}')
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  base = statistics.median(result['times'])
+  print(f'{title}, median of {runs} after one warm-up')
+  print('| model | median s | runs s | vs official |\n|---|---|---|---|')
+  print(f'| official PyTorch {result["torch"]} ({result["threads"]} threads) | {base:.2f} | '
+        f'{", ".join(f"{t:.2f}" for t in result["times"])} | 1.00x |', flush=True)
+  return base
+
+
+def print_ours(dtype, base, median, times):
+  print(f'| solq-jax {dtype} | {median:.2f} | {", ".join(f"{t:.2f}" for t in times)} | '
+        f'{base / median:.2f}x faster |', flush=True)
 
 if __name__ == '__main__':
   main()

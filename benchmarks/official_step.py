@@ -14,10 +14,7 @@ drawn alike; official masks: the filled boxes). One warm-up (ours: compile) step
 of `--runs` steps.
 """
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,24 +74,15 @@ def main():
   p.add_argument('--size', type=int, default=512)
   p.add_argument('--runs', type=int, default=3)
   a = p.parse_args()
-  done = subprocess.run([a.torch_python, '-c', _STEP, os.path.abspath(a.official), str(a.size),
-                         str(a.size), str(a.runs)], check=False, capture_output=True, text=True)
-  if done.returncode:
-    sys.exit(f'the official step failed:\n{done.stderr[-3000:]}')
-  official = json.loads(done.stdout.strip().splitlines()[-1])
-  base = statistics.median(official['times'])
-  print(f'R50 train step, batch 1 at {a.size}x{a.size}, median of {a.runs} after one warm-up')
-  print('| model | median s | steps s | vs official |\n|---|---|---|---|')
-  print(f'| official PyTorch {official["torch"]} ({official["threads"]} threads) | {base:.2f} | '
-        f'{", ".join(f"{t:.2f}" for t in official["times"])} | 1.00x |', flush=True)
+  base = official_forward.run_official(_STEP, a.official, a.torch_python, a.size, a.size,
+                                       a.runs, f'R50 train step, batch 1 at {a.size}x{a.size}')
   import train_step  # pylint: disable=g-import-not-at-top  (imports jax via benchmarks/timing.py)
   from configs import solq_r50  # pylint: disable=g-import-not-at-top
   for dtype in ('float32', 'bfloat16'):
     config = solq_r50.get_config()
     config.model.dtype = dtype
     _, median, times, _, _ = train_step.measure(config, 1, 1, a.size, a.runs)
-    print(f'| solq-jax {dtype} | {median:.2f} | {", ".join(f"{t:.2f}" for t in times)} | '
-          f'{base / median:.2f}x faster |', flush=True)
+    official_forward.print_ours(dtype, base, median, times)
 
 
 if __name__ == '__main__':

@@ -44,21 +44,26 @@ def _forward(module, features, pad_mask):
 
 
 @pytest.fixture(scope='module')
-def parity_run():
-  ref = dict(np.load(FIXTURE))
-  config = _config()
-  rules = [r for r in convert.model_plan(config.model)
+def converted():
+  """`(state_dict, variables)`: the fixture's official weights (no backbone) and their
+  conversion."""
+  rules = [r for r in convert.model_plan(_config().model)
            if not r.keys[0].startswith(convert.OFFICIAL_BACKBONE_PREFIX)]
-  shapes = {k: rule.shape for rule in rules for k in rule.keys}
-  assert zlib.crc32('\n'.join(sorted(shapes)).encode()) == ref['check/keys_crc'], (
+  state_dict = utils.make_state_dict({k: rule.shape for rule in rules for k in rule.keys})
+  return state_dict, convert.apply_rules(state_dict, rules)
+
+
+@pytest.fixture(scope='module')
+def parity_run(converted):
+  ref = dict(np.load(FIXTURE))
+  state_dict, variables = converted
+  assert zlib.crc32('\n'.join(sorted(state_dict)).encode()) == ref['check/keys_crc'], (
       'the converter expects other keys than the official two-stage model has')
-  state_dict = utils.make_state_dict(shapes)
   features, pad_mask = utils.make_inputs()
   parity_utils.check_generators(
       ref, [v for k, v in state_dict.items() if k == parity_utils.canonical_key(k)],
       np.concatenate([f.reshape(-1) for f in features]))
-  variables = convert.apply_rules(state_dict, rules)
-  model = build_model(config.model)
+  model = build_model(_config().model)
   outputs = jax.jit(lambda v, f, m: model.apply(v, f, m, method=_forward))(
       variables, features, pad_mask)
   return ref, utils.select_outputs(jax.device_get(outputs))
@@ -123,6 +128,41 @@ def test_criterion_matches_official_terms(parity_run):
       jax.jit(criterion)(without, _targets())['total'],
       expected - sum(weights[k[:-4]] * official[k] for k in official if k.endswith('_enc')),
       rtol=2e-6)
+
+
+def test_gradients_reach_the_encoder_heads_only_through_the_enc_loss(converted):
+  """Finite gradients despite the +inf proposals of padding; the decoder's terms do not reach
+  the encoder's heads or enc_output (selection and references are not differentiated), but
+  reach pos_trans; the `_enc` terms train the encoder's heads."""
+  _, variables = converted
+  config = _config()
+  model = build_model(config.model)
+  criterion = losses.criterion_from_config(config.loss, with_masks=False)
+  features, pad_mask = utils.make_inputs()
+
+  weights = losses.loss_weights(config.loss)
+
+  def totals(params):
+    """(decoder terms' total, `_enc` terms' total)."""
+    terms = criterion(model.apply({'params': params}, features, pad_mask, method=_forward),
+                      _targets())
+    enc = sum(weights[k[:-len('_enc')]] * v for k, v in terms.items() if k.endswith('_enc'))
+    return terms['total'] - enc, enc
+
+  @jax.jit
+  def grads(params):
+    _, pull = jax.vjp(totals, params)
+    return pull((1.0, 0.0))[0], pull((0.0, 1.0))[0]
+
+  decoder, enc = grads(variables['params'])
+  norm = lambda tree: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(tree)))
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves((decoder, enc)))
+  for name in ('class_embed_2', 'bbox_embed_2'):
+    assert norm(decoder[name]) == 0 and norm(enc[name]) > 0, name
+  assert norm(decoder['proposal_queries']['enc_output']) == 0
+  assert norm(enc['proposal_queries']['enc_output']) > 0
+  assert norm(decoder['proposal_queries']['pos_trans']) > 0
+  assert norm(enc['proposal_queries']['pos_trans']) == 0
 
 
 def test_proposals_against_a_loop():

@@ -58,6 +58,9 @@ def model_config() -> ml_collections.ConfigDict:
       # Group DETR: this many groups of num_queries queries, each matched one-to-one, hidden
       # from each other in self-attention; inference uses the first group. 1 = off (official).
       query_groups=1,
+      # Two-stage Deformable DETR: queries from the encoder's top-scoring proposals, which get
+      # their own class-agnostic loss (`_enc` terms). False = off (official SOLQ).
+      two_stage=False,
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))

@@ -54,9 +54,9 @@ def _stub_modules():
   module('detectron2.utils.memory', retry_if_cuda_oom=lambda f: f)
 
 
-def build_official(official: str, variant: str = 'swin_t_p4w7', shapes=None):
-  """The official SOLQ (box refinement, vectors) with the Swin `variant` and the transformer
-  and head sizes of `shapes` (default: TINY)."""
+def import_official(official: str):
+  """Makes the official `models` and `util` packages importable on CPU (the stubs above, the
+  pure-PyTorch deformable-attention core); returns torch."""
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   torchvision.__version__ = '0.99.0'    # util/misc.py parses the first three characters
@@ -76,6 +76,13 @@ def build_official(official: str, variant: str = 'swin_t_p4w7', shapes=None):
       return ms_deform_attn_func.ms_deform_attn_core_pytorch(value, shapes, locations, weights)
 
   ms_deform_attn.MSDeformAttnFunction = PyTorchCore
+  return torch
+
+
+def build_official(official: str, variant: str = 'swin_t_p4w7', shapes=None):
+  """The official SOLQ (box refinement, vectors) with the Swin `variant` and the transformer
+  and head sizes of `shapes` (default: TINY)."""
+  torch = import_official(official)
   from models.swin_transformer import build_swin_backbone  # pylint: disable=g-import-not-at-top
   from models.deformable_transformer import DeformableTransformer  # pylint: disable=g-import-not-at-top
   from models.solq import SOLQ  # pylint: disable=g-import-not-at-top

@@ -30,6 +30,7 @@ from solq_jax import box_ops
 from solq_jax import group_detr
 from solq_jax import hybrid_matching
 from solq_jax import matching
+from solq_jax import two_stage
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -329,7 +330,8 @@ def criterion_from_config(loss_config, coder=None, num_decoder_layers=None,
   the 'dice' variant). `num_decoder_layers` (`config.model.dec_layers`): needed by
   `loss.vector_stages`. `with_masks=False` (`config.model.with_masks`, detection only): no
   vector term at any stage. Outputs of extra query sets get their own terms
-  (`hybrid_matching`, `group_detr`)."""
+  (`hybrid_matching`, `group_detr`), as do a two-stage model's encoder proposals
+  (`two_stage`)."""
   lc = loss_config
   if not with_masks:
     one_to_one = functools.partial(
@@ -347,4 +349,9 @@ def criterion_from_config(loss_config, coder=None, num_decoder_layers=None,
         focal_gamma=lc.focal_gamma)
   criterion = hybrid_matching.with_one_to_many(one_to_one, lc.one_to_many_k,
                                                lc.one_to_many_weight)
-  return group_detr.with_groups(criterion, one_to_one)
+  criterion = group_detr.with_groups(criterion, one_to_one)
+  encoder_proposals = functools.partial(
+      solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=None,
+      weights=loss_weights(lc), aux_loss=False, focal_alpha=lc.focal_alpha,
+      focal_gamma=lc.focal_gamma)
+  return two_stage.with_encoder_loss(criterion, encoder_proposals)

@@ -20,6 +20,7 @@ SAVED_AUX_LAYERS = (0, 3)                 # aux_outputs entries stored besides t
 
 _ALIASES = (
     (re.compile(r'^transformer\.decoder\.bbox_embed\.'), 'bbox_embed.'),
+    (re.compile(r'^transformer\.decoder\.class_embed\.'), 'class_embed.'),   # two-stage
     (re.compile(r'^vector_embed\.\d+\.'), 'vector_embed.0.'),
 )
 

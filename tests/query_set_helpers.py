@@ -6,9 +6,10 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import train_micro_config
-from solq_jax import models
+from solq_jax import models, sharding
 
 IMAGE_HW = (64, 96)
 
@@ -62,3 +63,25 @@ def query_arrays(outputs):
   """The per-query arrays of every decoder layer of one output dict."""
   layers = list(outputs['aux_outputs']) + [outputs]
   return [layer[k] for layer in layers for k in ('pred_logits', 'pred_boxes', 'pred_vectors')]
+
+
+def sharded_terms_equal_single_device(loss_fn, w, feats, base, targets, devices=8):
+  """Runs `jax.value_and_grad(loss_fn, has_aux=True)` (`loss_fn(w, feats, base, targets) ->
+  (total, terms)`) on one device and under a mesh of `devices` (as the train step traces it:
+  `w` replicated, `feats [L, B, ...]`, `base` and `targets` split along the batch), asserts
+  equal totals, terms and gradients, and returns the terms."""
+  mesh = sharding.make_mesh(devices)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (ref_total, ref_terms), ref_grad = jax.jit(grad_fn)(w, feats, base, targets)
+  batch_spec = NamedSharding(mesh, P(sharding.AXIS))
+  args = (jax.device_put(w, NamedSharding(mesh, P())),
+          jax.device_put(feats, NamedSharding(mesh, P(None, sharding.AXIS))),
+          jax.device_put(base, batch_spec), jax.device_put(targets, batch_spec))
+  sharded = sharding.under_mesh(mesh, jax.jit(grad_fn, out_shardings=NamedSharding(mesh, P())))
+  (total, terms), grad = sharded(*args)
+  np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-6)
+  for key in ref_terms:
+    np.testing.assert_allclose(float(terms[key]), float(ref_terms[key]), rtol=1e-6, err_msg=key)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-7)
+  assert float(np.abs(ref_grad).max()) > 0
+  return terms

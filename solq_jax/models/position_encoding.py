@@ -10,13 +10,22 @@ import numpy as np
 from solq_jax import box_ops
 
 
+def sine_features(values, num_pos_feats, temperature=10000.0):
+  """`values [...]` -> `[..., num_pos_feats]`: feature `i` is `values / temperature ** (2 *
+  (i // 2) / num_pos_feats)`, sin for even `i` and cos for odd `i` (interleaved)."""
+  dim_t = np.arange(num_pos_feats, dtype=np.float32)
+  dim_t = np.float32(temperature) ** (2 * (dim_t // 2) / np.float32(num_pos_feats))
+  pos = values[..., None] / jnp.asarray(dim_t, jnp.float32)
+  sin_cos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1)
+  return sin_cos.reshape(pos.shape)
+
+
 def sine_position_encoding(pad_mask, num_pos_feats, temperature=10000.0, scale=2 * math.pi,
                            eps=1e-6):
   """Deformable-DETR sine encoding of a padding mask `[B, H, W]` -> `[B, H, W, 2*num_pos_feats]`.
 
   The cumulative counts of unpadded pixels along each axis (1-based) are shifted by -0.5,
-  divided by the last count plus `eps` and scaled to `[0, scale)`; feature `i` divides them by
-  `temperature ** (2 * (i // 2) / num_pos_feats)` and takes sin for even `i`, cos for odd `i`.
+  divided by the last count plus `eps` and scaled to `[0, scale)`, then `sine_features`.
   Channels are `[pos_y, pos_x]` (y first).
   """
   not_mask = jnp.logical_not(pad_mask).astype(jnp.float32)
@@ -24,16 +33,8 @@ def sine_position_encoding(pad_mask, num_pos_feats, temperature=10000.0, scale=2
   x_embed = jnp.cumsum(not_mask, axis=2)
   y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * scale
   x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * scale
-  dim_t = np.arange(num_pos_feats, dtype=np.float32)
-  dim_t = np.float32(temperature) ** (2 * (dim_t // 2) / np.float32(num_pos_feats))
-  dim_t = jnp.asarray(dim_t, jnp.float32)
-
-  def encode(embed):
-    pos = embed[..., None] / dim_t                        # [B, H, W, F]
-    sin_cos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1)
-    return sin_cos.reshape(pos.shape)                    # interleaved sin, cos, sin, ...
-
-  return jnp.concatenate([encode(y_embed), encode(x_embed)], axis=-1)
+  return jnp.concatenate([sine_features(y_embed, num_pos_feats, temperature),
+                          sine_features(x_embed, num_pos_feats, temperature)], axis=-1)
 
 
 def downsample_mask(pad_mask, out_hw):

@@ -20,7 +20,9 @@ from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
 from solq_jax.models import query_sets
+from solq_jax.models import two_stage
 from solq_jax.models.swin import SwinTransformer, is_swin
+from solq_jax.models import transformer as transformer_lib
 from solq_jax.models.transformer import DeformableTransformer, refine_boxes
 
 PRIOR_PROB = 0.01
@@ -79,6 +81,7 @@ class SOLQ(nn.Module):
   dtype: str = 'float32'
   one_to_many_queries: int = 0
   query_groups: int = 1
+  two_stage: bool = False     # queries from the encoder's top proposals (models/two_stage.py)
   remat: str = 'none'
 
   def setup(self):
@@ -115,19 +118,26 @@ class SOLQ(nn.Module):
         d_ffn=self.dim_feedforward, dropout=self.dropout, n_levels=self.num_feature_levels,
         enc_n_points=self.enc_n_points, dec_n_points=self.dec_n_points,
         impl=self.attention_impl, dtype=dtype, remat=self.remat)
-    n_heads = self.dec_layers if self.with_box_refine else 1
+    self.check_two_stage()
+    # Two-stage with box refinement: one more class and box head, for the encoder's proposals.
+    n_heads = self.dec_layers + self.two_stage if self.with_box_refine else 1
     class_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
     self.class_embed = [
         torch_dense(self.num_classes, d, bias_init=nn.initializers.constant(class_bias),
                     dtype=dtype)
         for _ in range(n_heads)]
-    self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 else None, dtype)
+    # The official two-stage init sets every box head's last bias to zero.
+    self.bbox_embed = [MLP(d, 4, 3, box_bias_quirk(4) if i == 0 and not self.two_stage else None,
+                           dtype)
                        for i in range(n_heads)]
     if self.with_masks:
       self.vector_embed = MLP(self.vector_hidden_dim, self.num_coeffs, 3,
                               box_bias_quirk(self.num_coeffs), dtype)
-    self.query_embed = nn.Embed(self.num_queries, 2 * d,
-                                embedding_init=nn.initializers.normal(1.0))
+    if self.two_stage:
+      self.proposal_queries = two_stage.ProposalQueries(d, dtype)
+    else:
+      self.query_embed = nn.Embed(self.num_queries, 2 * d,
+                                  embedding_init=nn.initializers.normal(1.0))
     n = self.one_to_many_queries
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
       raise ValueError(f'config.model.one_to_many_queries must be an integer >= 0, got {n!r}')
@@ -140,6 +150,15 @@ class SOLQ(nn.Module):
     if g > 1:   # groups 1..G-1; group 0 is `query_embed`
       self.query_embed_groups = nn.Embed((g - 1) * self.num_queries, 2 * d,
                                          embedding_init=nn.initializers.normal(1.0))
+
+  def check_two_stage(self):
+    if not isinstance(self.two_stage, bool):
+      raise ValueError(f'config.model.two_stage must be True or False, got {self.two_stage!r}')
+    if self.two_stage and (self.one_to_many_queries or self.query_groups != 1):
+      # Their extra queries are learned embeddings; two-stage has none to extend.
+      raise ValueError('config.model.two_stage cannot be combined with '
+                       f'config.model.one_to_many_queries={self.one_to_many_queries!r} or '
+                       f'config.model.query_groups={self.query_groups!r} (use 0 and 1)')
 
   @property
   def num_backbone_levels(self):
@@ -184,6 +203,8 @@ class SOLQ(nn.Module):
   def decode(self, memory, masks, train=False):
     """Decoder and heads: memory `[B, S, D]` and per-level masks -> the output dict."""
     refine = self.bbox_embed if self.with_box_refine else None
+    if self.two_stage:
+      return self.decode_two_stage(memory, masks, train, refine)
     extra = self.extra_query_sets(train)
     if not extra:
       hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
@@ -201,6 +222,25 @@ class SOLQ(nn.Module):
         out.setdefault(key, []).append(query_sets.stack_layers(block))
       else:
         out[key] = query_sets.stack_layers(block)
+    return out
+
+  def decode_two_stage(self, memory, masks, train, refine):
+    """The decoder on the encoder's top proposals; adds `enc_outputs` (the proposals' logits
+    and boxes over every encoder token) to the output dict, as the official model."""
+    padding = transformer_lib.flatten_levels(masks)
+    spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
+    proposals, usable = two_stage.encoder_proposals(spatial_shapes, padding)
+    head = self.dec_layers if self.with_box_refine else 0
+    enc_memory = self.proposal_queries.memory(memory, usable)
+    enc_logits = self.class_embed[head](enc_memory).astype(jnp.float32)
+    enc_boxes_unact = self.bbox_embed[head](enc_memory).astype(jnp.float32) + proposals
+    selected = two_stage.select_top_k(enc_logits[..., 0], enc_boxes_unact, self.num_queries)
+    tgt, query_pos = self.proposal_queries.queries(selected)
+    hs, references, boxes = self.transformer.decode_queries(
+        memory, masks, tgt, query_pos, jax.nn.sigmoid(selected), train, refine)
+    out = query_sets.stack_layers(self.heads(hs, references, boxes))
+    out['enc_outputs'] = {'pred_logits': enc_logits,
+                          'pred_boxes': jax.nn.sigmoid(enc_boxes_unact)}
     return out
 
   def heads(self, hs, references, boxes):

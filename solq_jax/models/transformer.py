@@ -279,10 +279,17 @@ class DeformableTransformer(nn.Module):
     `self_attn_mask`: None or bool `[Q, Q]`, True where query i may attend to query j."""
     d = self.d_model
     b = memory.shape[0]
-    spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
     query_pos = jnp.broadcast_to(query_embed[:, :d], (b,) + query_embed[:, :d].shape)
     tgt = jnp.broadcast_to(query_embed[:, d:], (b,) + query_embed[:, d:].shape)
     reference_points = jax.nn.sigmoid(self.reference_points(query_pos))   # float32
+    return self.decode_queries(memory, masks, tgt, query_pos, reference_points, train,
+                               bbox_embed, self_attn_mask)
+
+  def decode_queries(self, memory, masks, tgt, query_pos, reference_points, train,
+                     bbox_embed=None, self_attn_mask=None):
+    """The decoder on explicit queries `tgt`, `query_pos` `[B, Q, D]` and float32 references
+    `[B, Q, 2 or 4]` (two-stage: boxes from the encoder's proposals)."""
+    spatial_shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
     return self.decoder(tgt.astype(self.dtype), query_pos.astype(self.dtype), reference_points,
                         memory.astype(self.dtype), spatial_shapes, valid_ratios(masks),
                         flatten_levels(masks), train, bbox_embed, self_attn_mask)

@@ -180,7 +180,8 @@ def model_plan(model_config) -> list:
     plan.norm(f'input_proj.{level}.1', f'input_proj_{level}/norm', d)
   plan.add('transformer.level_embed', (m.num_feature_levels, d),
            ('params/transformer/level_embed', _identity))
-  plan.linear('transformer.reference_points', 'transformer/reference_points', 2, d)
+  if not m.two_stage:
+    plan.linear('transformer.reference_points', 'transformer/reference_points', 2, d)
   for i in range(m.enc_layers):
     t, f = f'transformer.encoder.layers.{i}', f'transformer/encoder/layers_{i}'
     _add_msda(plan, f'{t}.self_attn', f'{f}/self_attn', m, m.enc_n_points)
@@ -201,19 +202,31 @@ def model_plan(model_config) -> list:
     for n in (1, 2, 3):
       plan.norm(f'{t}.norm{n}', f'{f}/norm{n}', d)
     _add_ffn(plan, t, f, m)
+  # Two-stage: one more head (the encoder proposals'), and the decoder holds the class heads too.
+  n_pred = n_dec + 1 if m.two_stage else n_dec
+  class_keys = lambda i: ([f'class_embed.{i}', f'transformer.decoder.class_embed.{i}']
+                          if m.two_stage else [f'class_embed.{i}'])
   if m.with_box_refine:
-    for i in range(n_dec):
-      plan.linear(f'class_embed.{i}', f'class_embed_{i}', m.num_classes, d)
+    for i in range(n_pred):
+      plan.linear(class_keys(i), f'class_embed_{i}', m.num_classes, d)
       plan.mlp([f'bbox_embed.{i}', f'transformer.decoder.bbox_embed.{i}'], f'bbox_embed_{i}',
                (d, d, d, 4))
   else:  # one class head and one box MLP repeated over the layers (aliases).
-    plan.linear([f'class_embed.{i}' for i in range(n_dec)], 'class_embed_0', m.num_classes, d)
-    plan.mlp([f'bbox_embed.{i}' for i in range(n_dec)], 'bbox_embed_0', (d, d, d, 4))
+    plan.linear([k for i in range(n_pred) for k in class_keys(i)], 'class_embed_0',
+                m.num_classes, d)
+    plan.mlp([f'bbox_embed.{i}' for i in range(n_pred)], 'bbox_embed_0', (d, d, d, 4))
   if m.with_masks:  # detection only: the official model without --with_vector has none
-    plan.mlp([f'vector_embed.{i}' for i in range(n_dec)], 'vector_embed',
+    plan.mlp([f'vector_embed.{i}' for i in range(n_pred)], 'vector_embed',
              (d, m.vector_hidden_dim, m.vector_hidden_dim, m.num_coeffs))
-  plan.add('query_embed.weight', (m.num_queries, 2 * d),
-           ('params/query_embed/embedding', _identity))
+  if m.two_stage:
+    f = 'proposal_queries'
+    plan.linear('transformer.enc_output', f'{f}/enc_output', d, d)
+    plan.norm('transformer.enc_output_norm', f'{f}/enc_output_norm', d)
+    plan.linear('transformer.pos_trans', f'{f}/pos_trans', 2 * d, 2 * d)
+    plan.norm('transformer.pos_trans_norm', f'{f}/pos_trans_norm', 2 * d)
+  else:
+    plan.add('query_embed.weight', (m.num_queries, 2 * d),
+             ('params/query_embed/embedding', _identity))
   return plan.rules
 
 

@@ -35,7 +35,7 @@ ARCHITECTURE_FIELDS = (
     'backbone', 'backbone_norm', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
     'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
     'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs', 'mask_coder',
-    'mask_size', 'with_masks')
+    'mask_size', 'with_masks', 'two_stage')
 
 
 # Fields that choose how the same parameters are computed, not what they are: a run may resume

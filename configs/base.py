@@ -54,6 +54,9 @@ def model_config() -> ml_collections.ConfigDict:
       # Group DETR: this many groups of num_queries queries, each matched one-to-one, hidden
       # from each other in self-attention; inference uses the first group. 1 = off (official).
       query_groups=1,
+      # Denoising (DN-DETR): this many groups of noised ground-truth queries in training
+      # (noise and loss: loss.dn_*), hidden from the matching queries. 0 = off (official).
+      dn_groups=0,
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))
@@ -87,6 +90,13 @@ def loss_config() -> ml_collections.ConfigDict:
       # every ground truth repeated k times; their loss enters the total times the weight.
       one_to_many_k=6,
       one_to_many_weight=1.0,
+      # Denoising (model.dn_groups > 0): box noise scale (centre shift <= scale x half size,
+      # size factor in 1 +- scale), probability of replacing a label by another class, DINO's
+      # contrastive negatives (noised between 1 and 2 x scale, learn no-object), loss weight.
+      dn_box_noise=0.4,
+      dn_label_noise=0.2,
+      dn_contrastive=False,
+      dn_weight=1.0,
   ))
 
 

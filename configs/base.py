@@ -61,6 +61,9 @@ def model_config() -> ml_collections.ConfigDict:
       # Two-stage Deformable DETR: queries from the encoder's top-scoring proposals, which get
       # their own class-agnostic loss (`_enc` terms). False = off (official SOLQ).
       two_stage=False,
+      # Denoising (DN-DETR): this many groups of noised ground-truth queries in training
+      # (noise and loss: loss.dn_*), hidden from the matching queries. 0 = off (official).
+      dn_groups=0,
       pretrained_backbone='',       # torchvision ResNet .pth on disk
       init_checkpoint='',           # official SOLQ .pth or converted orbax dir
   ))
@@ -94,6 +97,13 @@ def loss_config() -> ml_collections.ConfigDict:
       # every ground truth repeated k times; their loss enters the total times the weight.
       one_to_many_k=6,
       one_to_many_weight=1.0,
+      # Denoising (model.dn_groups > 0): box noise scale (centre shift <= scale x half size,
+      # size factor in 1 +- scale), probability of replacing a label by another class, DINO's
+      # contrastive negatives (noised between 1 and 2 x scale, learn no-object), loss weight.
+      dn_box_noise=0.4,
+      dn_label_noise=0.2,
+      dn_contrastive=False,
+      dn_weight=1.0,
   ))
 
 

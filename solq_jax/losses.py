@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from solq_jax import box_ops
+from solq_jax import denoising
 from solq_jax import group_detr
 from solq_jax import hybrid_matching
 from solq_jax import matching
@@ -330,26 +331,37 @@ def criterion_from_config(loss_config, coder=None, num_decoder_layers=None,
   the 'dice' variant). `num_decoder_layers` (`config.model.dec_layers`): needed by
   `loss.vector_stages`. `with_masks=False` (`config.model.with_masks`, detection only): no
   vector term at any stage. Outputs of extra query sets get their own terms
-  (`hybrid_matching`, `group_detr`), as do a two-stage model's encoder proposals
-  (`two_stage`)."""
+  (`hybrid_matching`, `group_detr`, `denoising`), as do a two-stage model's encoder
+  proposals (`two_stage`)."""
   lc = loss_config
   if not with_masks:
+    vector_loss, start, scale = None, 0, 1.0
     one_to_one = functools.partial(
         solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=None,
         weights=loss_weights(lc), aux_loss=lc.aux_loss, focal_alpha=lc.focal_alpha,
         focal_gamma=lc.focal_gamma)
   else:
+    vector_loss = vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness,
+                                 lc.vector_loss_weights)
+    start, scale = vector_start_stage(lc, num_decoder_layers), lc.vector_loss_scale
     one_to_one = functools.partial(
-        solq_losses, matcher=matching.matcher_from_config(lc),
-        vector_loss=vector_loss_fn(lc.vector_loss, coder, lc.dice_sharpness,
-                                   lc.vector_loss_weights),
-        weights=loss_weights(lc), aux_loss=lc.aux_loss,
-        vector_start_stage=vector_start_stage(lc, num_decoder_layers),
-        vector_loss_scale=lc.vector_loss_scale, focal_alpha=lc.focal_alpha,
-        focal_gamma=lc.focal_gamma)
+        solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=vector_loss,
+        weights=loss_weights(lc), aux_loss=lc.aux_loss, vector_start_stage=start,
+        vector_loss_scale=scale, focal_alpha=lc.focal_alpha, focal_gamma=lc.focal_gamma)
   criterion = hybrid_matching.with_one_to_many(one_to_one, lc.one_to_many_k,
                                                lc.one_to_many_weight)
   criterion = group_detr.with_groups(criterion, one_to_one)
+  denoising.check_settings(0, lc.dn_box_noise, lc.dn_label_noise, lc.dn_contrastive,
+                           lc.dn_weight)
+  dn_terms = functools.partial(
+      denoising.dn_losses,
+      focal_loss=functools.partial(sigmoid_focal_loss, alpha=lc.focal_alpha,
+                                   gamma=lc.focal_gamma),
+      vector_loss=vector_loss, contrastive=lc.dn_contrastive, aux_loss=lc.aux_loss,
+      vector_start_stage=start, vector_loss_scale=scale)
+  criterion = denoising.with_denoising(
+      criterion, dn_terms, functools.partial(weighted_total, weights=loss_weights(lc)),
+      lc.dn_weight)
   encoder_proposals = functools.partial(
       solq_losses, matcher=matching.matcher_from_config(lc), vector_loss=None,
       weights=loss_weights(lc), aux_loss=False, focal_alpha=lc.focal_alpha,

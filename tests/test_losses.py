@@ -71,6 +71,15 @@ def np_vector_term(pred, tgt, kind):
   raise AssertionError(kind)
 
 
+def np_focal(logits, t, loss_cfg):
+  """The elementwise sigmoid focal loss of float64 `logits` against 0/1 targets `t`."""
+  p = _np_sigmoid(logits)
+  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  p_t = p * t + (1 - p) * (1 - t)
+  alpha_t = loss_cfg.focal_alpha * t + (1 - loss_cfg.focal_alpha) * (1 - t)
+  return alpha_t * ce * (1 - p_t) ** loss_cfg.focal_gamma
+
+
 def np_layer(layer, targets, num_boxes, loss_cfg):
   """The official criterion for one decoder layer, image by image, with its own scipy
   matching."""
@@ -90,12 +99,7 @@ def np_layer(layer, targets, num_boxes, loss_cfg):
       giou += 1 - _np_giou(_np_xyxy(pb), _np_xyxy(tb))
       pred_v.append(layer['pred_vectors'][b, i])
       tgt_v.append(targets['vectors'][b, j])
-  p = _np_sigmoid(logits)
-  t = target_classes
-  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
-  p_t = p * t + (1 - p) * (1 - t)
-  alpha_t = loss_cfg.focal_alpha * t + (1 - loss_cfg.focal_alpha) * (1 - t)
-  focal = (alpha_t * ce * (1 - p_t) ** loss_cfg.focal_gamma).sum()
+  focal = np_focal(logits, target_classes, loss_cfg).sum()
   pred_v = np.array(pred_v, np.float64).reshape(-1, layer['pred_vectors'].shape[-1])
   tgt_v = np.array(tgt_v, np.float64).reshape(pred_v.shape)
   return dict(loss_ce=focal / num_boxes, loss_bbox=l1 / num_boxes, loss_giou=giou / num_boxes,

@@ -202,6 +202,7 @@ def test_default_has_no_two_stage_parameters():
 @pytest.mark.parametrize('overrides, names', [
     (dict(one_to_many_queries=10), ['config.model.two_stage', 'one_to_many_queries']),
     (dict(query_groups=2), ['config.model.two_stage', 'query_groups']),
+    (dict(dn_groups=1), ['config.model.two_stage', 'dn_groups']),
     (dict(two_stage='yes'), ['config.model.two_stage']),
     (dict(num_queries=500), ['config.model.num_queries']),
 ])

@@ -4,8 +4,9 @@
 class logits, boxes (cx, cy, w, h of the unpadded image, in [0, 1]) and mask vectors (not with
 `with_masks=False`: detection only, the paper's Deformable DETR baseline); the last layer at the
 top level and layers 0..L-2 in `aux_outputs`. In training, extra query sets
-(`one_to_many_queries`, `query_groups`, see `solq_jax.models.query_sets`) add their outputs, in
-the same layout, under their own keys; the top level is always the one-to-one set.
+(`one_to_many_queries`, `query_groups`, see `solq_jax.models.query_sets`; `dn_groups` with
+the batch's denoising queries, `solq_jax.denoising`) add their outputs, in the same layout,
+under their own keys; the top level is always the one-to-one set.
 """
 import math
 from typing import Any
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solq_jax.models.backbone import ResNet, check_width
+from solq_jax.models.dn_queries import DenoisingQueries
 from solq_jax.models.layers import (MLP, Conv2d, box_bias_quirk, torch_dense,
                                     xavier_uniform)
 from solq_jax.models.position_encoding import downsample_mask, sine_position_encoding
@@ -82,6 +84,7 @@ class SOLQ(nn.Module):
   one_to_many_queries: int = 0
   query_groups: int = 1
   two_stage: bool = False     # queries from the encoder's top proposals (models/two_stage.py)
+  dn_groups: int = 0
   remat: str = 'none'
 
   def setup(self):
@@ -150,15 +153,25 @@ class SOLQ(nn.Module):
     if g > 1:   # groups 1..G-1; group 0 is `query_embed`
       self.query_embed_groups = nn.Embed((g - 1) * self.num_queries, 2 * d,
                                          embedding_init=nn.initializers.normal(1.0))
+    dn = self.dn_groups
+    if isinstance(dn, bool) or not isinstance(dn, int) or dn < 0:
+      raise ValueError(f'config.model.dn_groups must be an integer >= 0, got {dn!r}')
+    if dn and not self.with_box_refine:
+      raise ValueError('config.model.dn_groups > 0 needs config.model.with_box_refine (the '
+                       'denoising queries refine their noised boxes)')
+    if dn:
+      self.dn_query_embed = DenoisingQueries(self.num_classes, d)
 
   def check_two_stage(self):
     if not isinstance(self.two_stage, bool):
       raise ValueError(f'config.model.two_stage must be True or False, got {self.two_stage!r}')
-    if self.two_stage and (self.one_to_many_queries or self.query_groups != 1):
-      # Their extra queries are learned embeddings; two-stage has none to extend.
+    if self.two_stage and (self.one_to_many_queries or self.query_groups != 1 or
+                           self.dn_groups):
+      # Their extra queries sit beside learned query embeddings; two-stage has none.
       raise ValueError('config.model.two_stage cannot be combined with '
-                       f'config.model.one_to_many_queries={self.one_to_many_queries!r} or '
-                       f'config.model.query_groups={self.query_groups!r} (use 0 and 1)')
+                       f'config.model.one_to_many_queries={self.one_to_many_queries!r}, '
+                       f'config.model.query_groups={self.query_groups!r} or '
+                       f'config.model.dn_groups={self.dn_groups!r} (use 0, 1 and 0)')
 
   @property
   def num_backbone_levels(self):
@@ -200,12 +213,29 @@ class SOLQ(nn.Module):
       sets += [('group_outputs', e) for e in groups]
     return sets if train else []
 
-  def decode(self, memory, masks, train=False):
+  def denoising_block(self, dn_queries, train):
+    """`(tgt, query_pos, boxes, valid)` of the DN queries (`solq_jax.denoising`) in training
+    with `dn_groups`, else None. The DN parameters are created at `init` in any case."""
+    if self.dn_groups and self.is_initializing() and dn_queries is None:
+      self.dn_query_embed(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, 4)))
+    if not (train and self.dn_groups and dn_queries is not None):
+      return None
+    labels, boxes, valid = dn_queries['labels'], dn_queries['boxes'], dn_queries['valid']
+    if labels.shape[1] % self.dn_groups:
+      raise ValueError(f'{labels.shape[1]} denoising queries do not split into '
+                       f'config.model.dn_groups={self.dn_groups} groups')
+    tgt, query_pos = self.dn_query_embed(labels, boxes)
+    return tgt, query_pos, boxes, valid
+
+  def decode(self, memory, masks, train=False, dn_queries=None):
     """Decoder and heads: memory `[B, S, D]` and per-level masks -> the output dict."""
     refine = self.bbox_embed if self.with_box_refine else None
     if self.two_stage:
       return self.decode_two_stage(memory, masks, train, refine)
     extra = self.extra_query_sets(train)
+    dn = self.denoising_block(dn_queries, train)
+    if dn is not None:
+      return self.decode_with_denoising(memory, masks, train, refine, extra, dn)
     if not extra:
       hs, references, boxes = self.transformer.decode(memory, masks, self.query_embed.embedding,
                                                       train, refine)
@@ -215,7 +245,12 @@ class SOLQ(nn.Module):
     hs, references, boxes = self.transformer.decode(
         memory, masks, jnp.concatenate(embeds), train, refine,
         query_sets.block_attention_mask(sizes))
-    blocks = query_sets.split_rows(self.heads(hs, references, boxes), sizes)
+    return self.split_query_sets(self.heads(hs, references, boxes), sizes, extra)
+
+  @staticmethod
+  def split_query_sets(layers, sizes, extra):
+    """Per-layer outputs of the concatenated learned query sets -> the output dict."""
+    blocks = query_sets.split_rows(layers, sizes)
     out = query_sets.stack_layers(blocks[0])
     for (key, _), block in zip(extra, blocks[1:]):
       if key == 'group_outputs':
@@ -243,6 +278,28 @@ class SOLQ(nn.Module):
                           'pred_boxes': jax.nn.sigmoid(enc_boxes_unact)}
     return out
 
+  def decode_with_denoising(self, memory, masks, train, refine, extra, dn):
+    """`decode` with the DN groups after every other query set: they see the one-to-one
+    queries (DN-DETR's rule) and their own group's real (unpadded) slots; nothing else sees
+    them. Their outputs go under `dn_outputs`."""
+    tgt, query_pos, boxes, valid = dn
+    embeds = [self.query_embed.embedding] + [e for _, e in extra]
+    sizes = [e.shape[0] for e in embeds]
+    n_sets = len(sizes)
+    group = valid.shape[1] // self.dn_groups
+    sizes += [group] * self.dn_groups
+    mask = query_sets.block_attention_mask(
+        sizes, visible=[(i, 0) for i in range(n_sets, len(sizes))])
+    keys = jnp.concatenate([jnp.ones((valid.shape[0], sum(sizes[:n_sets])), bool), valid], 1)
+    mask = jnp.asarray(mask)[None, None] & keys[:, None, None, :]
+    hs, references, out_boxes = self.transformer.decode(
+        memory, masks, jnp.concatenate(embeds), train, refine, mask, (tgt, query_pos, boxes))
+    layers = self.heads(hs, references, out_boxes)
+    learned, dn_rows = query_sets.split_rows(layers, [sum(sizes[:n_sets]), valid.shape[1]])
+    out = self.split_query_sets(learned, sizes[:n_sets], extra)
+    out['dn_outputs'] = query_sets.stack_layers(dn_rows)
+    return out
+
   def heads(self, hs, references, boxes):
     """Per decoder layer `{pred_logits, pred_boxes, pred_vectors}` from the decoder's outputs."""
     outputs = []
@@ -258,10 +315,12 @@ class SOLQ(nn.Module):
         outputs[-1]['pred_vectors'] = self.vector_embed(h).astype(jnp.float32)
     return outputs
 
-  def __call__(self, images, pad_mask, train=False):
+  def __call__(self, images, pad_mask, train=False, dn_queries=None):
+    """`dn_queries`: the denoising queries of this batch (`solq_jax.denoising.noised_queries`),
+    read only in training with `dn_groups` > 0; they add `dn_outputs`."""
     srcs, masks, pos = self.features(images, pad_mask, train)
     memory = self.transformer.encode(srcs, masks, pos, train)
-    return self.decode(memory, masks, train)
+    return self.decode(memory, masks, train, dn_queries)
 
 
 def init_variables(model, rng, image_size=(64, 64), batch_size=1):

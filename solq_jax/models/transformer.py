@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from solq_jax.box_ops import inverse_sigmoid
 from solq_jax.models.deformable_attention import MSDeformAttn
@@ -70,6 +71,21 @@ def encoder_reference_points(spatial_shapes, ratios):
   return jnp.concatenate(refs, axis=1)[:, :, None] * ratios[:, None]
 
 
+def level_references(reference_points, ratios):
+  """`[B, Q, 2|4]` references -> `[B, Q, L, 2|4]`, scaled by each level's valid ratios."""
+  if reference_points.shape[-1] == 4:
+    return reference_points[:, :, None] * jnp.concatenate([ratios, ratios], -1)[:, None]
+  return reference_points[:, :, None] * ratios[:, None]
+
+
+def map_row_blocks(fn, x, references):
+  """`fn(rows, reference)` on the consecutive row blocks of `x [B, Q, ...]` that the per-block
+  `references` (`[B, Q_i, ...]`, in order) cover, concatenated along the rows."""
+  bounds = np.cumsum([0] + [r.shape[1] for r in references])
+  return jnp.concatenate([fn(x[:, a:b], r) for a, b, r in
+                          zip(bounds[:-1], bounds[1:], references)], axis=1)
+
+
 def refine_boxes(delta, reference):
   """sigmoid(delta + inverse_sigmoid(ref)) for 4-d boxes; for 2-d points only delta's (x, y)
   get the reference and (w, h) are sigmoid(delta) alone. `delta [..., 4]` -> boxes `[..., 4]`."""
@@ -122,8 +138,9 @@ class EncoderLayer(_Layer):
 class MultiheadAttention(nn.Module):
   """torch `nn.MultiheadAttention` with q/k/v/out as separate `[D, D]` Dense layers.
 
-  `mask` (call argument): None, or bool `[Lq, Lk]`, True where a query may attend to a key
-  (every query must see at least one key); masked keys get exactly zero weight.
+  `mask` (call argument): None, or bool `[Lq, Lk]` (or `[B, 1, Lq, Lk]`), True where a query
+  may attend to a key (every query must see at least one key); masked keys get exactly zero
+  weight.
 
   Init as the official decoder: the packed q|k|v matrix `[3D, D]` is xavier-initialised as a
   whole (so each third has the packed bound), the out projection xavier, all biases zero.
@@ -159,7 +176,9 @@ class MultiheadAttention(nn.Module):
 class DecoderLayer(_Layer):
   """Self-attention -> norm2, deformable cross-attention -> norm1, FFN -> norm3 (official
   names), each post-norm with dropout on the residual branch. `self_attn_mask`: see
-  `MultiheadAttention`'s `mask`."""
+  `MultiheadAttention`'s `mask`. `reference_points`: one array, or a tuple of per-row-block
+  arrays (consecutive query rows) when the blocks' references differ in kind (points, boxes);
+  cross-attention is per query, so it runs block by block."""
 
   @nn.compact
   def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask,
@@ -170,8 +189,14 @@ class DecoderLayer(_Layer):
                                                                    self_attn_mask),
         train))
     cross = self.deformable_attention('cross_attn')
-    tgt = self.norm('norm1')(tgt + self.drop(
-        cross(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask), train))
+    q = tgt + query_pos
+    if isinstance(reference_points, tuple):
+      attended = map_row_blocks(
+          lambda rows, r: cross(rows, r, memory, spatial_shapes, padding_mask), q,
+          reference_points)
+    else:
+      attended = cross(q, reference_points, memory, spatial_shapes, padding_mask)
+    tgt = self.norm('norm1')(tgt + self.drop(attended, train))
     return self.ffn(tgt, 'norm3', train)
 
 
@@ -198,7 +223,9 @@ class Decoder(nn.Module):
   `(hs, references, boxes)`: per layer the output, the reference it read, and (with refinement)
   `refine_boxes(head(hs_l), reference_l)`, whose stop-gradient is the next layer's reference.
   `self_attn_mask`: None or bool `[Q, Q]` (True = may attend), for every layer's self-attention.
-  The references and boxes are float32 whatever the layers' dtype.
+  The references and boxes are float32 whatever the layers' dtype. `reference_points` may be a
+  tuple of per-row-block references (points `[B, Q_i, 2]` beside boxes `[B, Q_j, 4]`: learned
+  queries beside denoising queries); with refinement the blocks are one 4-d array after layer 0.
   """
   num_layers: int
   layer_kwargs: dict
@@ -211,17 +238,21 @@ class Decoder(nn.Module):
     hs, references, boxes = [], [], []
     layer_cls = maybe_remat(DecoderLayer, self.remat, static_argnums=(5, 7))
     for i in range(self.num_layers):
-      if reference_points.shape[-1] == 4:
-        ref_input = reference_points[:, :, None] * jnp.concatenate([ratios, ratios], -1)[:, None]
+      if isinstance(reference_points, tuple):
+        ref_input = tuple(level_references(r, ratios) for r in reference_points)
       else:
-        ref_input = reference_points[:, :, None] * ratios[:, None]
+        ref_input = level_references(reference_points, ratios)
       tgt = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
           tgt, query_pos, ref_input, memory, spatial_shapes, padding_mask, train,
           self_attn_mask)
       hs.append(tgt)
       references.append(reference_points)
       if bbox_embed is not None:
-        boxes.append(refine_boxes(bbox_embed[i](tgt).astype(jnp.float32), reference_points))
+        delta = bbox_embed[i](tgt).astype(jnp.float32)
+        if isinstance(reference_points, tuple):
+          boxes.append(map_row_blocks(refine_boxes, delta, reference_points))
+        else:
+          boxes.append(refine_boxes(delta, reference_points))
         reference_points = jax.lax.stop_gradient(boxes[-1])
     return hs, references, boxes
 
@@ -274,14 +305,22 @@ class DeformableTransformer(nn.Module):
     return self.encoder(flatten_levels(srcs).astype(self.dtype), pos_flat.astype(self.dtype),
                         spatial_shapes, valid_ratios(masks), flatten_levels(masks), train)
 
-  def decode(self, memory, masks, query_embed, train, bbox_embed=None, self_attn_mask=None):
+  def decode(self, memory, masks, query_embed, train, bbox_embed=None, self_attn_mask=None,
+             extra_queries=None):
     """memory `[B, S, D]`, per-level masks, query_embed `[Q, 2D]` -> (hs, references, boxes).
-    `self_attn_mask`: None or bool `[Q, Q]`, True where query i may attend to query j."""
+    `self_attn_mask`: None or bool `[Q, Q]` (or `[B, 1, Q, Q]`), True where query i may attend
+    to query j. `extra_queries`: None or `(tgt, query_pos, boxes)` `[B, N, D|D|4]`, queries
+    appended after the learned ones with their own boxes as initial references (denoising)."""
     d = self.d_model
     b = memory.shape[0]
     query_pos = jnp.broadcast_to(query_embed[:, :d], (b,) + query_embed[:, :d].shape)
     tgt = jnp.broadcast_to(query_embed[:, d:], (b,) + query_embed[:, d:].shape)
     reference_points = jax.nn.sigmoid(self.reference_points(query_pos))   # float32
+    if extra_queries is not None:
+      extra_tgt, extra_pos, extra_boxes = extra_queries
+      tgt = jnp.concatenate([tgt, extra_tgt.astype(tgt.dtype)], axis=1)
+      query_pos = jnp.concatenate([query_pos, extra_pos.astype(query_pos.dtype)], axis=1)
+      reference_points = (reference_points, extra_boxes.astype(jnp.float32))
     return self.decode_queries(memory, masks, tgt, query_pos, reference_points, train,
                                bbox_embed, self_attn_mask)
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 
 from solq_jax import data as data_lib
+from solq_jax import denoising
 from solq_jax import losses
 from solq_jax import masks
 from solq_jax import models
@@ -56,6 +57,7 @@ class Trainer:
     self.coder = masks.build_coder(config.model)   # one per run: data, criterion, evaluation
     self.criterion = losses.criterion_from_config(
         config.loss, self.coder, config.model.dec_layers, config.model.with_masks)
+    self.denoiser = denoising.denoiser_from_config(config)
     self.data = data_lib.train_pipeline(config, self.coder)
     self.steps_per_epoch = self.data.steps_per_epoch
     self.total_steps = int(t.total_steps) or int(t.epochs) * self.steps_per_epoch
@@ -96,7 +98,7 @@ class Trainer:
       self._train_step = step_lib.make_train_step(
           self.model, self.tx, self.mesh, self.criterion, schedule[optimizer_lib.DEFAULT],
           grad_accum_steps=self.config.train.grad_accum_steps,
-          ema_decay=self.config.train.ema_decay)
+          ema_decay=self.config.train.ema_decay, denoiser=self.denoiser)
     return self._train_step
 
   def checkpointer(self, workdir) -> checkpoint_lib.Checkpointer:

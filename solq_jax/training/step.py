@@ -23,7 +23,7 @@ without moving any data. The dropout key of micro-batch i is fold_in(fold_in(rng
 Weight EMA (`ema_decay` > 0): updated after every optimizer step (solq_jax.training.state).
 """
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,20 @@ def params_finite(params) -> jax.Array:
   return jnp.stack(flags).all().astype(jnp.float32) if flags else jnp.float32(1)
 
 
-def loss_fn(params, buffers, batch, key, *, model, criterion):
-  """(weighted total, dict of loss terms) of one global batch."""
+# Folded into the dropout key for the denoising queries' noise (a stream of its own).
+DENOISE_STREAM = 1
+
+
+def loss_fn(params, buffers, batch, key, *, model, criterion, denoiser=None):
+  """(weighted total, dict of loss terms) of one global batch. `denoiser`: None, or
+  `(key, batch) -> DN queries` (`solq_jax.denoising.denoiser_from_config`), drawn from the
+  dropout key and given to the model."""
   variables = {'params': params, 'buffers': buffers}
+  extra = {}
+  if denoiser is not None:
+    extra['dn_queries'] = denoiser(jax.random.fold_in(key, DENOISE_STREAM), batch)
   outputs = model.apply(variables, batch['images'], batch['pad_mask'], train=True,
-                        rngs={'dropout': key})
+                        rngs={'dropout': key}, **extra)
   terms = criterion(outputs, batch)
   return terms['total'], terms
 
@@ -81,17 +90,19 @@ def micro_batches(batch, k: int):
 
 
 def train_step_fn(model, tx, criterion: Callable, lr_schedule: Callable, *,
-                  grad_accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+                  grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                  denoiser: Optional[Callable] = None) -> Callable:
   """The un-jitted step (state, batch) -> (state, metrics); `make_train_step` compiles it.
 
   `criterion(outputs, batch, step_valid=None)`: dict of loss terms with the weighted `total`
   (`solq_jax.losses.criterion_from_config`). `grad_accum_steps`: micro-batches per optimizer
   step; `ema_decay`: the weight EMA's decay (0 = none; the state must then keep one). Metrics:
-  the terms of the whole global batch, its gradient norm and the learning rate."""
+  the terms of the whole global batch, its gradient norm and the learning rate. `denoiser`:
+  see `loss_fn`."""
   check_grad_accum(grad_accum_steps)
   check_ema_decay(ema_decay)
   k = grad_accum_steps
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, denoiser=denoiser), has_aux=True)
 
   def gradients(state, batch):
     """(terms, gradients) of the global batch."""
@@ -144,10 +155,10 @@ def train_step_fn(model, tx, criterion: Callable, lr_schedule: Callable, *,
 
 def make_train_step(model, tx, mesh: Mesh, criterion: Callable, lr_schedule: Callable,
                     donate: bool = True, *, grad_accum_steps: int = 1,
-                    ema_decay: float = 0.0) -> Callable:
+                    ema_decay: float = 0.0, denoiser: Optional[Callable] = None) -> Callable:
   """Compiles the step with replicated state and batch-sharded inputs over `mesh`."""
   step = train_step_fn(model, tx, criterion, lr_schedule, grad_accum_steps=grad_accum_steps,
-                       ema_decay=ema_decay)
+                       ema_decay=ema_decay, denoiser=denoiser)
   repl = sharding.replicated(mesh)
   compiled = jax.jit(step, in_shardings=(repl, sharding.batch_sharding(mesh)),
                      out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())

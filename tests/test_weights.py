@@ -147,3 +147,19 @@ def test_resume_check_ignores_only_the_compute_fields(tiny_config):
   with pytest.raises(weights.ModelConfigMismatch, match='enc_n_points') as e:
     store.check_model_config(saved, other, 'run', fields=None, ignore=store.COMPUTE_FIELDS)
   assert 'dtype' not in str(e.value)
+
+
+def test_resume_check_accepts_fields_newer_than_the_record_at_their_default(tiny_config):
+  """A run saved before a model option existed resumes while the option is off; switching it
+  on, or a record lacking a field that has no model default, is still refused."""
+  saved = json.loads(tiny_config.model.to_json())
+  for name in ('dn_groups', 'two_stage', 'backbone_width'):
+    del saved[name]
+  store.check_model_config(saved, tiny_config.model, 'run', fields=None)
+  other = tiny_config.model.copy_and_resolve_references()
+  other.dn_groups = 2
+  with pytest.raises(weights.ModelConfigMismatch, match=r"'dn_groups': \(None, 2\)"):
+    store.check_model_config(saved, other, 'run', fields=None)
+  del saved['mask_coder']          # a config field, not a model default: still compared
+  with pytest.raises(weights.ModelConfigMismatch, match='mask_coder'):
+    store.check_model_config(saved, tiny_config.model, 'run', fields=None)

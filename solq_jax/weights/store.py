@@ -58,6 +58,13 @@ def architecture(model_config) -> dict:
   return {k: v for k, v in model_config_dict(model_config).items() if k in ARCHITECTURE_FIELDS}
 
 
+def _model_defaults() -> dict:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from solq_jax import models  # pylint: disable=g-import-not-at-top
+  return {f.name: f.default for f in dataclasses.fields(models.SOLQ)
+          if f.name in models.MODEL_FIELDS}
+
+
 def check_model_config(saved: dict, model_config, source, fields=ARCHITECTURE_FIELDS,
                        ignore=()) -> None:
   """Raises `ModelConfigMismatch` naming `source` and every differing field with its
@@ -68,6 +75,10 @@ def check_model_config(saved: dict, model_config, source, fields=ARCHITECTURE_FI
   # With `fields`, a field the record does not hold is not compared: directories converted
   # before a field joined ARCHITECTURE_FIELDS stay loadable.
   names = (set(saved) | set(current)) - set(ignore) if fields is None else set(fields) & set(saved)
+  # A model field added after the record was written is not compared while it holds the
+  # model's default: the run was made before the option existed, i.e. with it off.
+  defaults = _model_defaults()
+  names = {k for k in names if k in saved or k not in defaults or current.get(k) != defaults[k]}
   diff = {k: (saved.get(k), current.get(k)) for k in sorted(names)
           if saved.get(k) != current.get(k)}
   if diff:

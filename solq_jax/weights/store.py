@@ -32,8 +32,8 @@ TRAIN_ITEMS = ('state', 'data', 'meta')
 # nothing under another coder or mask size): loading variables for inference or as a starting
 # point compares these; resuming a training compares every field.
 ARCHITECTURE_FIELDS = (
-    'backbone', 'backbone_norm', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
-    'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
+    'backbone', 'backbone_norm', 'backbone_width', 'hidden_dim', 'nheads', 'enc_layers',
+    'dec_layers', 'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
     'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs', 'mask_coder',
     'mask_size', 'with_masks', 'two_stage')
 

@@ -33,9 +33,9 @@ TRAIN_ITEMS = ('state', 'data', 'meta')
 # point compares these; resuming a training compares every field.
 ARCHITECTURE_FIELDS = (
     'backbone', 'backbone_norm', 'backbone_width', 'hidden_dim', 'nheads', 'enc_layers',
-    'dec_layers', 'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels', 'enc_n_points',
-    'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs', 'mask_coder',
-    'mask_size', 'with_masks', 'two_stage')
+    'dec_layers', 'dim_feedforward', 'num_queries', 'num_classes', 'num_feature_levels',
+    'enc_n_points', 'dec_n_points', 'with_box_refine', 'vector_hidden_dim', 'num_coeffs',
+    'mask_coder', 'mask_size', 'with_masks', 'two_stage')
 
 
 # Fields that choose how the same parameters are computed, not what they are: a run may resume

@@ -1,5 +1,5 @@
-"""Train-step speed: the R50 step at 512x512 batch 1 (official PyTorch here: 7.97 s), and images/s
-of the tiny config on 1 vs 8 simulated CPU devices.
+"""Train-step speed: the R50 step at 512x512 batch 1 (against the official step:
+`official_step.py`), and images/s of the tiny config on 1 vs 8 simulated CPU devices.
 
   python benchmarks/train_step.py                      # both parts, each in its own process
   python benchmarks/train_step.py --part r50 --runs 5
@@ -148,8 +148,6 @@ def main():
           f'{median:.3f} s ({batch / median:.2f} images/s) over {args.runs} runs '
           f'[{", ".join(f"{t:.2f}" for t in times)}]; first step (compile) {compile_s:.1f} s; '
           f'loss {loss:.3f}; {faults:.0f} page faults per step')
-  if args.part == 'r50':
-    line += f'; official PyTorch 7.97 s -> {7.97 / median:.2f}x'
   print(line, flush=True)
 
 

@@ -49,6 +49,13 @@ class InputProj(nn.Module):
                         dtype=self.dtype, name='norm')(x)
 
 
+def _count(field: str, value, minimum: int) -> int:
+  """`value` of the query-count field `config.model.<field>`, refused unless an int >= minimum."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f'config.model.{field} must be an integer >= {minimum}, got {value!r}')
+  return value
+
+
 class SOLQ(nn.Module):
   """The whole network. The fields are those of the `model` config section of the same names
   (configs/base.py says what each means); `build_model(config.model)` fills them.
@@ -141,21 +148,15 @@ class SOLQ(nn.Module):
     else:
       self.query_embed = nn.Embed(self.num_queries, 2 * d,
                                   embedding_init=nn.initializers.normal(1.0))
-    n = self.one_to_many_queries
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-      raise ValueError(f'config.model.one_to_many_queries must be an integer >= 0, got {n!r}')
+    n = _count('one_to_many_queries', self.one_to_many_queries, 0)
     if n:
       self.query_embed_one_to_many = nn.Embed(n, 2 * d,
                                               embedding_init=nn.initializers.normal(1.0))
-    g = self.query_groups
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-      raise ValueError(f'config.model.query_groups must be an integer >= 1, got {g!r}')
+    g = _count('query_groups', self.query_groups, 1)
     if g > 1:   # groups 1..G-1; group 0 is `query_embed`
       self.query_embed_groups = nn.Embed((g - 1) * self.num_queries, 2 * d,
                                          embedding_init=nn.initializers.normal(1.0))
-    dn = self.dn_groups
-    if isinstance(dn, bool) or not isinstance(dn, int) or dn < 0:
-      raise ValueError(f'config.model.dn_groups must be an integer >= 0, got {dn!r}')
+    dn = _count('dn_groups', self.dn_groups, 0)
     if dn and not self.with_box_refine:
       raise ValueError('config.model.dn_groups > 0 needs config.model.with_box_refine (the '
                        'denoising queries refine their noised boxes)')

@@ -4,6 +4,7 @@ forward+backward (gradient of a sum of its outputs w.r.t. its trained parameters
   python benchmarks/train_profile.py --runs 3                 # all stages, 512x512, batch 1
   python benchmarks/train_profile.py --stages encoder,decoder --fwd
   python benchmarks/train_profile.py --stages step --runs 1 --trace /tmp/trace  # perfetto trace
+  python benchmarks/train_profile.py --base demo --size 96 --batch 4 --config.model.backbone_width=32
 
 Stages: backbone (frozen stem + layer1 behind the stop-gradient, as in training), project (input
 projections + position encodings), encoder, decoder (decoder + heads), criterion (matching +
@@ -32,7 +33,11 @@ def parse():
   p.add_argument('--size', type=int, default=512)
   p.add_argument('--fwd', action='store_true', help='also time the forward alone')
   p.add_argument('--trace', default='', help='also write a jax.profiler trace (perfetto) here')
-  return p.parse_args()
+  p.add_argument('--base', default='r50', choices=('r50', 'demo'),
+                 help='configs/solq_r50.py or configs/demo.py (then --config.x.y=v overrides)')
+  p.add_argument('--batch', type=int, default=1)
+  args, args.overrides = p.parse_known_args()
+  return args
 
 
 def _sum(tree):
@@ -42,7 +47,7 @@ def _sum(tree):
 
 def main():
   args = parse()
-  from configs import solq_r50  # pylint: disable=g-import-not-at-top
+  from configs import demo, solq_r50  # pylint: disable=g-import-not-at-top
   from solq_jax import losses as losses_lib  # pylint: disable=g-import-not-at-top
   from solq_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
   from solq_jax import models  # pylint: disable=g-import-not-at-top
@@ -51,13 +56,14 @@ def main():
   from solq_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from solq_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  config = solq_r50.get_config()
+  config = train_step_bench.apply_overrides(
+      (solq_r50 if args.base == 'r50' else demo).get_config(), args.overrides)
   model = models.build_model(config.model)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   params, buffers = variables['params'], variables['buffers']
   criterion = losses_lib.criterion_from_config(config.loss, masks_lib.build_coder(config.model))
   batch = {k: jnp.asarray(v) for k, v in
-           train_step_bench.random_batch(config, 1, args.size).items()}
+           train_step_bench.random_batch(config, args.batch, args.size).items()}
   key = jax.random.PRNGKey(3)
   stages = args.stages.split(',')
 

@@ -142,3 +142,7 @@ def test_runner_interrupt_resume_skip_and_table(tmp_path):
     assert sorted(evals) == [1, 2]
     assert not any(k.startswith('segm') for k in evals[2])    # bbox-only evaluation
     assert table[label] == ['-'] * 6 + [f'{100 * evals[2]["bbox/AP"]:.1f}']
+  # The clock of AP-against-time charts: training seconds (evaluation excluded) at each
+  # evaluation, growing with the step within one uninterrupted call.
+  evals = _logged_evals(out / 'data.flip_prob=0.5')
+  assert 0 < evals[1]['train_seconds'] < evals[2]['train_seconds']

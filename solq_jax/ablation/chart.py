@@ -24,7 +24,7 @@ def _label(value):
   return f'{value:g}' if abs(value) >= 1 or value == 0 else f'{value:.3g}'
 
 
-def draw_panel(draw, origin, title, series, y_label):
+def draw_panel(draw, origin, title, series, y_label, x_label='step'):
   """One chart at `origin` (x, y): `series` = [(name, [(step, value), ...]), ...]; series with
   no points are listed in the legend only."""
   ox, oy = origin
@@ -48,7 +48,7 @@ def draw_panel(draw, origin, title, series, y_label):
     draw.line([(left, y), (right, y)], fill=(230, 230, 230))
     draw.text((left - 6, y), _label(t), fill='black', anchor='rm')
   draw.rectangle([left, top, right, bottom], outline='black')
-  draw.text(((left + right) // 2, bottom + 22), 'step', fill='black', anchor='mt')
+  draw.text(((left + right) // 2, bottom + 22), x_label, fill='black', anchor='mt')
   draw.text((ox + 4, top - 14), y_label, fill='black')
   for i, (name, pts) in enumerate(series):
     color = PALETTE[i % len(PALETTE)]
@@ -62,10 +62,10 @@ def draw_panel(draw, origin, title, series, y_label):
     draw.text((left + 30, ly), name, fill='black', anchor='lm')
 
 
-def save_chart(path, panels):
+def save_chart(path, panels, x_label='step'):
   """Writes a PNG of panels side by side: `panels` = [(title, series, y_label), ...]."""
   image = Image.new('RGB', (PANEL_W * len(panels), PANEL_H), 'white')
   draw = ImageDraw.Draw(image)
   for i, (title, series, y_label) in enumerate(panels):
-    draw_panel(draw, (i * PANEL_W, 0), title, series, y_label)
+    draw_panel(draw, (i * PANEL_W, 0), title, series, y_label, x_label)
   image.save(path, format='PNG')

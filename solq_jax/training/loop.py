@@ -186,6 +186,9 @@ class Trainer:
       step = start
       batch = next(iterator) if step < stop else None
       tick, tick_step = time.time(), step
+      # Seconds spent training in this call (compile included, evaluations excluded): the x axis
+      # of AP-against-time comparisons (benchmarks/convergence.py).
+      started, eval_seconds = tick, 0.0
       while step < stop:
         state, metrics = self.train_step(
             state, sharding.shard_batch(data_lib.train_device_batch(batch), self.mesh))
@@ -198,6 +201,7 @@ class Trainer:
         if step % t.log_every_steps == 0 or step == stop:
           now = time.time()
           scalars['images_per_s'] = (step - tick_step) * t.batch_size / max(now - tick, 1e-9)
+          scalars['train_seconds'] = now - started - eval_seconds
           tick, tick_step = now, step
           writer.write(step, scalars)
           bar.update(step, metrics_lib.format_losses(scalars))
@@ -206,17 +210,22 @@ class Trainer:
         if (evaluation and t.eval_every_steps and step % t.eval_every_steps == 0
             and step < self.total_steps):
           ckpt.wait()
+          eval_start = time.time()
           ev = evaluation(state.eval_variables(self.config.eval.use_ema),
                           workdir / 'eval' / str(step))
           if ev is not None:
-            writer.write(step, ev['summary'], prefix='eval')
+            writer.write(step, dict(ev['summary'], train_seconds=eval_start - started - eval_seconds),
+                         prefix='eval')
+          eval_seconds += time.time() - eval_start
       bar.close()
       ckpt.wait()
+      trained_seconds = time.time() - started - eval_seconds if step > start else 0.0
       if evaluation and t.final_eval and step == self.total_steps:
         result_eval = evaluation(state.eval_variables(self.config.eval.use_ema),
                                  workdir / 'eval' / str(step))
         if result_eval is not None:
-          writer.write(step, result_eval['summary'], prefix='eval')
+          writer.write(step, dict(result_eval['summary'], train_seconds=trained_seconds),
+                       prefix='eval')
           s = result_eval['summary']
           print(f'step {step}: box AP {s["bbox/AP"]:.4f}' +
                 (f', mask AP {s["segm/AP"]:.4f}' if 'segm/AP' in s else ''), flush=True)

@@ -2,7 +2,7 @@
 evaluated every `--eval_every` steps), then tabulates box and mask AP at the same wall-clock
 budget and draws AP against minutes of training.
 
-  python benchmarks/convergence.py --base configs/demo.py --steps 2400 --eval_every 400 \\
+  python benchmarks/convergence.py --base configs/demo_baseline.py --steps 2400 --eval_every 400 \\
       --variant 'baseline=' --variant 'hybrid=model.one_to_many_queries=60' \\
       --budget_s 600 --out runs/convergence --png docs/convergence_demo.png
 
@@ -104,7 +104,7 @@ def draw(path, rows, budget_s):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--base', default='configs/demo.py')
+  p.add_argument('--base', default='configs/demo_baseline.py')
   p.add_argument('--variant', action='append', required=True, help='LABEL=field=value;...')
   p.add_argument('--steps', type=int, required=True, help='training steps per variant')
   p.add_argument('--eval_every', type=int, required=True)

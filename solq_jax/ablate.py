@@ -1,6 +1,6 @@
 """Run the paper's ablations (Table 3) as sets of variants, one after another, and tabulate them.
 
-    python -m solq_jax.ablate --base configs/demo.py --vary model.mask_coder=dct,pca,flatten,sparse \\
+    python -m solq_jax.ablate --base configs/demo_baseline.py --vary model.mask_coder=dct,pca,flatten,sparse \\
         --steps 1500 --out runs/table3a [--set model.num_feature_levels=1] [--eval_every 300]
 
 Every variant trains from the same seed on the same data (the base config's: the generated
@@ -96,7 +96,8 @@ def run(base, vary, steps, out, fixed=(), eval_every=0, train=train_variant):
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m solq_jax.ablate',
                                    description=__doc__.split('\n\n')[0])
-  parser.add_argument('--base', default='configs/demo.py', help='config file of every variant')
+  parser.add_argument('--base', default='configs/demo_baseline.py',
+                      help='config file of every variant')
   parser.add_argument('--vary', action='append', default=[], required=True,
                       help='section.field=v1,v2,... (repeat for a product)')
   parser.add_argument('--set', action='append', default=[], dest='fixed',

@@ -6,7 +6,9 @@ budget and draws AP against minutes of training.
       --variant 'baseline=' --variant 'hybrid=model.one_to_many_queries=60' \\
       --budget_s 600 --out runs/convergence --png docs/convergence_demo.png
 
-`--variant LABEL=field=value;field=value` (empty after the first '=': the base config as is).
+`--variant LABEL=field=value;field=value` (empty after the first '=': the base config as is);
+`config=FILE` among them trains that config file instead of `--base`, and `train.total_steps`
+or `train.eval_every_steps` among them replace `--steps` / `--eval_every` for that variant.
 A variant whose work directory already holds its final evaluation is not trained again (so the
 command can be re-run to redraw, or to add variants); `--report_only` trains nothing.
 
@@ -58,6 +60,18 @@ def evaluations(workdir):
       if record.get('split') == 'eval' and 'train_seconds' in record:
         by_step[record['step']] = record
   return sorted((r['train_seconds'], s, r) for s, r in by_step.items())
+
+
+def run_settings(overrides, base, steps, eval_every):
+  """(config file, steps, eval_every, the other overrides) of one variant."""
+  settings = dict(overrides)
+  rest = [(f, v) for f, v in overrides
+          if f not in ('config', 'train.total_steps', 'train.eval_every_steps')]
+  try:
+    return (settings.get('config', base), int(settings.get('train.total_steps', steps)),
+            int(settings.get('train.eval_every_steps', eval_every)), rest)
+  except ValueError as e:
+    raise SystemExit(f'--variant: {e}') from e
 
 
 def train(base, overrides, workdir, steps, eval_every, extra_env=None):
@@ -119,8 +133,10 @@ def main():
   for label, overrides in variants:
     workdir = out / slug(label)
     evals = evaluations(workdir)
-    if not args.report_only and not any(step == args.steps for _, step, _ in evals):
-      train(args.base, overrides, workdir, args.steps, args.eval_every)
+    config, steps, eval_every, rest = run_settings(overrides, args.base, args.steps,
+                                                   args.eval_every)
+    if not args.report_only and not any(step == steps for _, step, _ in evals):
+      train(config, rest, workdir, steps, eval_every)
       evals = evaluations(workdir)
     rows.append((label, evals))
   out.mkdir(parents=True, exist_ok=True)

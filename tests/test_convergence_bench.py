@@ -69,3 +69,13 @@ def test_chart_has_both_panels(conv, tmp_path):
     pixels = [image.getpixel((x, y)) for x in range(x0 + chart.MARGIN_L + 40, x0 + chart.PANEL_W)
               for y in range(chart.MARGIN_T + 40, chart.PANEL_H - chart.MARGIN_B)]
     assert first in pixels
+
+
+def test_a_variant_may_name_its_config_file_and_length(conv):
+  _, overrides = conv.parse_variant(
+      'recipe=config=configs/demo.py;train.total_steps=4000;model.dn_groups=3')
+  assert conv.run_settings(overrides, 'configs/demo_baseline.py', 1400, 350) == (
+      'configs/demo.py', 4000, 350, [('model.dn_groups', '3')])
+  assert conv.run_settings([], 'base.py', 10, 5) == ('base.py', 10, 5, [])
+  with pytest.raises(SystemExit, match='--variant'):
+    conv.run_settings([('train.total_steps', 'many')], 'base.py', 10, 5)

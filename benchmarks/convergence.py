@@ -18,8 +18,6 @@ and the evaluation are the same for every variant and are left out. Each variant
 budget is that of its last evaluation inside the budget.
 """
 import argparse
-import json
-import os
 import pathlib
 import re
 import subprocess
@@ -29,19 +27,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from solq_jax.ablation import chart  # pylint: disable=g-import-not-at-top,wrong-import-position
+from solq_jax.ablation import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from solq_jax.ablation import variants as variants_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_variant(text):
-  """'label=a.b=1;c.d=2' -> ('label', [('a.b', '1'), ('c.d', '2')])."""
+  """'label=a.b=1;c.d=2' -> ('label', [('a.b', '1'), ('c.d', '2')]); 'config=FILE' is kept as
+  ('config', 'FILE')."""
   label, sep, rest = text.partition('=')
   if not sep or not label:
     raise SystemExit(f'--variant {text!r}: expected LABEL=field=value;... (LABEL= for the base)')
   overrides = []
   for item in filter(None, (s.strip() for s in rest.split(';'))):
-    field, sep, value = item.partition('=')
-    if not sep or not re.fullmatch(r'[A-Za-z_][\w.]*', field):
-      raise SystemExit(f'--variant {text!r}: {item!r} is not field=value')
-    overrides.append((field, value))
+    if item.startswith('config='):
+      overrides.append(('config', item[len('config='):]))
+      continue
+    try:
+      overrides.append(variants_lib.parse_override(item))
+    except variants_lib.OverrideError as e:
+      raise SystemExit(f'--variant {text!r}: {e}') from e
   return label, overrides
 
 
@@ -51,15 +55,10 @@ def slug(label):
 
 def evaluations(workdir):
   """[(train_seconds, step, summary), ...] of the evaluations logged in workdir/metrics.jsonl
-  (the last record of a step wins)."""
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  by_step = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      record = json.loads(line) if line.strip() else {}
-      if record.get('split') == 'eval' and 'train_seconds' in record:
-        by_step[record['step']] = record
-  return sorted((r['train_seconds'], s, r) for s, r in by_step.items())
+  that carry the clock (the last record of a step wins), in time order."""
+  return sorted((summary['train_seconds'], step, summary)
+                for step, summary in report.eval_history(workdir).items()
+                if 'train_seconds' in summary)
 
 
 def run_settings(overrides, base, steps, eval_every):
@@ -74,13 +73,13 @@ def run_settings(overrides, base, steps, eval_every):
     raise SystemExit(f'--variant: {e}') from e
 
 
-def train(base, overrides, workdir, steps, eval_every, extra_env=None):
+def train(base, overrides, workdir, steps, eval_every):
   cmd = [sys.executable, str(REPO / 'train.py'), f'--config={base}', f'--workdir={workdir}',
          f'--config.train.total_steps={steps}', f'--config.train.eval_every_steps={eval_every}',
          '--config.train.progress_bar=false']
   cmd += [f'--config.{field}={value}' for field, value in overrides]
   print(' '.join(cmd), flush=True)
-  subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, **(extra_env or {})))
+  subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def at_budget(evals, budget_s):

@@ -14,7 +14,6 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'benchmarks'))
 
 
 def main():
@@ -26,12 +25,18 @@ def main():
   args, overrides = p.parse_known_args()
   # pylint: disable=g-import-not-at-top
   from PIL import Image
-  from configs import demo
+  from solq_jax.ablation import variants as variants_lib
   from solq_jax.data import synthetic
   from solq_jax.inference import predict
-  import train_step as train_step_bench   # benchmarks/: the --config.x.y=v parser
 
-  config = train_step_bench.apply_overrides(demo.get_config(), overrides)
+  if any(not o.startswith('--config.') for o in overrides):
+    raise SystemExit(f'unknown arguments {overrides} (expected --config.section.field=value)')
+  try:
+    config = variants_lib.load_config(
+        str(REPO / 'configs' / 'demo.py'),
+        [variants_lib.parse_override(o[len('--config.'):]) for o in overrides])
+  except variants_lib.OverrideError as e:
+    raise SystemExit(str(e)) from e
   root = pathlib.Path(synthetic.ensure_dataset(config.data))
   images = sorted((root / 'val2017').glob('*.jpg'))[:args.images]
   if not images:

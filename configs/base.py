@@ -183,6 +183,9 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
+      # Linear warm-up of every group's rate over this many optimizer steps (0 = none, as the
+      # official recipe): lets a short from-scratch run take a higher lr without diverging early.
+      warmup_steps=0,
       # Rematerialise transformer layers in the backward pass (none | encoder | decoder | all;
       # backbone: each Swin block, also in all): their activations are recomputed instead of
       # stored, for ~one more forward of those layers.

@@ -176,3 +176,32 @@ def test_step_decay_boundary():
   groups = opt.group_schedules(ml_collections.ConfigDict(train_config()), steps_per_epoch=7)
   assert float(groups[opt.LINEAR_PROJ](0)) == pytest.approx(2e-5)
   assert float(groups[opt.BACKBONE](400)) == pytest.approx(2e-6)
+
+
+def test_warmup_ramps_every_group_then_steps():
+  t = ml_collections.ConfigDict(train_config(warmup_steps=4, lr_drop_epoch=1.0))
+  groups = opt.group_schedules(t, steps_per_epoch=10)
+  base_rates = {opt.DEFAULT: 2e-4, opt.BACKBONE: 2e-5, opt.LINEAR_PROJ: 2e-5}
+  for name, base_rate in base_rates.items():
+    got = [float(groups[name](c)) for c in range(12)]
+    want = [base_rate * min(1.0, (c + 1) / 4) * (0.1 if c >= 10 else 1.0) for c in range(12)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  # 0 = the official schedule, unchanged
+  plain = opt.group_schedules(ml_collections.ConfigDict(train_config(lr_drop_epoch=1.0)), 10)
+  assert float(plain[opt.DEFAULT](0)) == pytest.approx(2e-4)
+  with pytest.raises(ValueError, match='warmup_steps'):
+    opt.group_schedules(ml_collections.ConfigDict(train_config(warmup_steps=-1)), 10)
+
+
+def test_warmup_scales_the_applied_update():
+  """SGD-like check through AdamW: with weight decay 0 and a constant gradient, Adam's update
+  is -lr(step) * sign, so the first two updates are 1/3 and 2/3 of the base rate."""
+  params = contract_params(np.random.default_rng(0))
+  t = train_config(weight_decay=0.0, clip_max_norm=0.0, warmup_steps=3)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
+  tx = opt.build_optimizer(t, params, 10)
+  state = tx.init(params)
+  for fraction in (1 / 3, 2 / 3, 1.0, 1.0):
+    updates, state = tx.update(grads, state, params)
+    u = np.asarray(jax.tree.leaves(updates['backbone']['layer2_0'])[0])
+    np.testing.assert_allclose(u, -2e-5 * fraction, rtol=2e-5)

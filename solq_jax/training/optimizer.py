@@ -2,7 +2,8 @@
 
 AdamW with decoupled weight decay on every trained parameter, three learning-rate groups chosen
 by parameter path, frozen parameters that never change, the global-norm clip over the trained
-gradients, and a step decay of every group's rate at `lr_drop_epoch`.
+gradients, and a step decay of every group's rate at `lr_drop_epoch` (after an optional linear
+warm-up over `warmup_steps`; 0 = none, as the official code).
 
 Groups (by the parameter-tree contract of `solq_jax.models`):
   frozen       the backbone modules `solq_jax.models.backbone.frozen_module` names: the stem
@@ -59,10 +60,19 @@ def param_labels(params, frozen_stages: int = 1) -> Any:
       lambda p, _: group_of(_path_names(p), frozen_stages), params)
 
 
-def step_decay_schedule(base_lr: float, drop_step: int, factor: float) -> optax.Schedule:
-  """`base_lr` until update `drop_step` (exclusive), then `base_lr * factor` (torch StepLR, once)."""
+def step_decay_schedule(base_lr: float, drop_step: int, factor: float,
+                        warmup_steps: int = 0) -> optax.Schedule:
+  """`base_lr` until update `drop_step` (exclusive), then `base_lr * factor` (torch StepLR, once).
+
+  `warmup_steps` > 0 ramps the rate linearly first: update `count` (0-based) uses
+  `(count + 1) / warmup_steps` of it, so the first update is already nonzero and update
+  `warmup_steps - 1` uses the full rate.
+  """
   def schedule(count):
-    return base_lr * jnp.where(count >= drop_step, factor, 1.0)
+    rate = base_lr * jnp.where(count >= drop_step, factor, 1.0)
+    if warmup_steps > 0:
+      rate = rate * jnp.minimum(1.0, (count + 1.0) / warmup_steps)
+    return rate
   return schedule
 
 
@@ -100,10 +110,14 @@ def group_schedules(train_config, steps_per_epoch: int) -> Dict[str, Callable]:
   """The learning-rate schedule of each trained group, with the step decay in optimiser steps."""
   t = train_config
   drop = int(t.lr_drop_epoch * steps_per_epoch)
+  warmup = int(t.warmup_steps)
+  if warmup < 0:
+    raise ValueError(f'config.train.warmup_steps={warmup} must be >= 0 (0 = no warm-up)')
   return {
-      DEFAULT: step_decay_schedule(t.lr, drop, t.lr_drop_factor),
-      BACKBONE: step_decay_schedule(t.lr_backbone, drop, t.lr_drop_factor),
-      LINEAR_PROJ: step_decay_schedule(t.lr * t.lr_linear_proj_mult, drop, t.lr_drop_factor),
+      DEFAULT: step_decay_schedule(t.lr, drop, t.lr_drop_factor, warmup),
+      BACKBONE: step_decay_schedule(t.lr_backbone, drop, t.lr_drop_factor, warmup),
+      LINEAR_PROJ: step_decay_schedule(t.lr * t.lr_linear_proj_mult, drop, t.lr_drop_factor,
+                                       warmup),
   }
 
 

@@ -13,9 +13,9 @@ size chosen for the CPU; its docstring says why) plus what trained fastest per m
 * `loss.vector_loss_scale=1`: the mask-vector L1 (lambda) at 1 instead of the paper's 3, which
   the demo-scale Table 3b found as good or better for both mask and box AP;
 * one encoder layer instead of three (`model.enc_layers=1`): at 193 tokens per image the
-  encoder was half the step, so a step costs ~1.4x less and the budget holds 5,600 steps
-  instead of 4,000; at equal minutes of training it ends higher (session 9: mask AP 0.40
-  against 0.33 on one core). No encoder at all was as good again per minute, not better;
+  encoder was half the step, and AP grows with minutes trained about equally whatever the
+  encoder's depth, so the cheaper step buys more steps in the budget (no encoder at all was
+  no better per minute);
 * 5,600 steps, lr x0.1 after step 5,040. (A weight EMA, `train.ema_decay=0.998`, scored 1-2
   points BELOW the raw weights at the end of both seeds tried, after the lr drop: left off.)
 """

@@ -135,6 +135,23 @@ def test_generated_object_count_and_size_knobs(tmp_path):
     synthetic.write_split(tmp_path, 't', 1, seed=2, min_size=96, max_size=128, min_object=90.0)
 
 
+def test_generated_split_is_the_same_bytes_in_worker_processes(tmp_path, monkeypatch):
+  """Images generated in 2 processes: every jpg and the annotation json (ids numbered over the
+  split in image order) are byte for byte those of one process."""
+  monkeypatch.setattr(synthetic, '_MIN_IMAGES_PER_POOL', 4)
+  kw = dict(seed=5, min_size=64, max_size=96, max_objects=3, min_object=12.0)
+  synthetic.write_split(tmp_path / 'one', 's', 13, **kw)
+  synthetic.write_split(tmp_path / 'two', 's', 13, workers=2, **kw)
+  one = sorted(p.relative_to(tmp_path / 'one') for p in (tmp_path / 'one').rglob('*.*'))
+  two = sorted(p.relative_to(tmp_path / 'two') for p in (tmp_path / 'two').rglob('*.*'))
+  assert one == two and len(one) == 14
+  for rel in one:
+    assert (tmp_path / 'one' / rel).read_bytes() == (tmp_path / 'two' / rel).read_bytes(), rel
+  anns = json.loads((tmp_path / 'two' / 'annotations' / 'instances_s.json').read_text())
+  assert [a['id'] for a in anns['annotations']] == list(range(1, len(anns['annotations']) + 1))
+  assert len({a['image_id'] for a in anns['annotations']}) >= 10
+
+
 def test_ensure_dataset_writes_once_reuses_and_repairs(tmp_path):
   config = tiny.get_config()
   d = config.data

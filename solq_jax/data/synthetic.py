@@ -10,8 +10,11 @@ tight box and the visible area. Fully (or all but a few pixels) occluded shapes 
 annotated. Everything is drawn from `numpy.random.default_rng([seed, split_tag, image_index])`,
 so a dataset is a pure function of its parameters.
 """
+from concurrent import futures
+import functools
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import pathlib
 import shutil
@@ -180,10 +183,41 @@ def _generate_image(rng, height, width, max_objects, min_object=6.0, max_object_
   return np.clip(image, 0, 255, out=image).astype(np.uint8), instances
 
 
+def _write_image(folder, seed, tag, index, min_size, max_size, max_objects, min_object,
+                 max_object_frac, texture):
+  """Generates image `index` of a split, writes its jpg into `folder`; returns its COCO image
+  record and its annotations (without ids: those are numbered over the split in order)."""
+  rng = np.random.default_rng([seed, tag, index])
+  h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+  pixels, instances = _generate_image(rng, h, w, max_objects, min_object, max_object_frac,
+                                      texture)
+  image_id = index + 1
+  file_name = f'{image_id:06d}.jpg'
+  Image.fromarray(pixels).save(pathlib.Path(folder) / file_name, quality=92)
+  annotations = [{'image_id': image_id, 'category_id': category,
+                  'segmentation': mask_to_polygons(visible, (x0, y0)),
+                  'area': float(visible.sum()),
+                  'bbox': [x0, y0, visible.shape[1], visible.shape[0]], 'iscrowd': 0}
+                 for category, visible, (x0, y0) in instances]
+  return {'id': image_id, 'file_name': file_name, 'height': h, 'width': w}, annotations
+
+
+# Below this many images a pool's start-up (each worker imports the package) costs more than it
+# saves.
+_MIN_IMAGES_PER_POOL = 512
+
+
+def default_workers() -> int:
+  """The CPU cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8, min_object=6.0,
-                max_object_frac=0.9, texture=1.0):
+                max_object_frac=0.9, texture=1.0, workers=1):
   """Write `root/annotations/instances_<split>.json` and `root/<split>/*.jpg` (object count,
-  size and texture arguments: see `_generate_image`)."""
+  size and texture arguments: see `_generate_image`). `workers` > 1 generates the images in
+  that many processes (from `_MIN_IMAGES_PER_POOL` images on); the files are the same bytes
+  whatever the count, since every image draws from its own seeded generator."""
   if not (max_objects >= 1 and 1 <= min_object < max_object_frac * min_size and texture >= 0):
     raise ValueError(
         f'generated dataset: need max_objects >= 1, 1 <= min_object < max_object_frac * '
@@ -193,21 +227,21 @@ def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8
   (root / 'annotations').mkdir(parents=True, exist_ok=True)
   (root / split).mkdir(parents=True, exist_ok=True)
   tag = int(hashlib.sha256(split.encode()).hexdigest()[:8], 16)
+  job = functools.partial(_write_image, str(root / split), seed, tag, min_size=min_size,
+                          max_size=max_size, max_objects=max_objects, min_object=min_object,
+                          max_object_frac=max_object_frac, texture=texture)
+  workers = min(int(workers), num_images // _MIN_IMAGES_PER_POOL)
+  if workers > 1:
+    # spawn, not fork: the caller may already run JAX's threads, which a fork can deadlock.
+    with futures.ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as pool:
+      results = list(pool.map(job, range(num_images), chunksize=64))
+  else:
+    results = [job(i) for i in range(num_images)]
   images, annotations = [], []
-  for i in range(num_images):
-    rng = np.random.default_rng([seed, tag, i])
-    h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
-    pixels, instances = _generate_image(rng, h, w, max_objects, min_object, max_object_frac,
-                                        texture)
-    image_id = i + 1
-    file_name = f'{image_id:06d}.jpg'
-    Image.fromarray(pixels).save(root / split / file_name, quality=92)
-    images.append({'id': image_id, 'file_name': file_name, 'height': h, 'width': w})
-    for category, visible, (x0, y0) in instances:
-      annotations.append({
-          'id': len(annotations) + 1, 'image_id': image_id, 'category_id': category,
-          'segmentation': mask_to_polygons(visible, (x0, y0)), 'area': float(visible.sum()),
-          'bbox': [x0, y0, visible.shape[1], visible.shape[0]], 'iscrowd': 0})
+  for image, anns in results:
+    images.append(image)
+    for ann in anns:
+      annotations.append({'id': len(annotations) + 1, **ann})
   dataset = {'info': {'description': f'solq-jax generated shapes v{GENERATOR_VERSION}',
                       'seed': seed},
              'images': images, 'annotations': annotations, 'categories': list(CATEGORIES)}
@@ -268,7 +302,7 @@ def ensure_dataset(data_config):
     for split, n in params['splits'].items():
       write_split(tmp, split, n, params['seed'], params['min_size'], params['max_size'],
                   params['max_objects'], params['min_object'], params['max_object_frac'],
-                  params['texture'])
+                  params['texture'], workers=default_workers())
     with open(tmp / 'manifest.json', 'w') as f:
       json.dump({'params': params, 'files': _fingerprint(tmp, params)}, f)
     if root.exists():

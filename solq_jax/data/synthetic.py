@@ -209,15 +209,18 @@ _MIN_IMAGES_PER_POOL = 512
 
 def default_workers() -> int:
   """The CPU cores this process may run on."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def write_split(root, split, num_images, seed, min_size, max_size, max_objects=8, min_object=6.0,
                 max_object_frac=0.9, texture=1.0, workers=1):
   """Write `root/annotations/instances_<split>.json` and `root/<split>/*.jpg` (object count,
-  size and texture arguments: see `_generate_image`). `workers` > 1 generates the images in
-  that many processes (from `_MIN_IMAGES_PER_POOL` images on); the files are the same bytes
-  whatever the count, since every image draws from its own seeded generator."""
+  size and texture arguments: see `_generate_image`). `workers` > 1 generates the images in up
+  to that many processes, each given at least `_MIN_IMAGES_PER_POOL` images (fewer images stay
+  in this process); the files are the same bytes whatever the count, since every image draws
+  from its own seeded generator."""
   if not (max_objects >= 1 and 1 <= min_object < max_object_frac * min_size and texture >= 0):
     raise ValueError(
         f'generated dataset: need max_objects >= 1, 1 <= min_object < max_object_frac * '

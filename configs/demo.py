@@ -16,8 +16,8 @@ size chosen for the CPU; its docstring says why) plus what trained fastest per m
   encoder was half the step, and AP grows with minutes trained about equally whatever the
   encoder's depth, so the cheaper step buys more steps in the budget (no encoder at all was
   no better per minute);
-* 16,384 generated train images instead of 1,024: 5,600 steps of 4 images went over
-  1,024 images 22 times and the model learnt them rather than the shapes (more images raised box and
+* 16,384 generated train images instead of 1,024: 5,600 steps of 4 images went over 1,024
+  images 22 times and the model learnt them rather than the shapes (more images raised box and
   mask AP at the same steps, benchmarks/README.md; 32,768 were no better, and cost twice the
   generating time at start-up);
 * 5,200 steps, lr x0.1 after step 4,680 (90%): what fits the 15 minutes, set-up and

@@ -202,8 +202,8 @@ def _write_image(folder, seed, tag, index, min_size, max_size, max_objects, min_
   return {'id': image_id, 'file_name': file_name, 'height': h, 'width': w}, annotations
 
 
-# Below this many images a pool's start-up (each worker imports the package) costs more than it
-# saves.
+# Given fewer images than this, a worker process costs more to start (it imports the package)
+# than it saves.
 _MIN_IMAGES_PER_POOL = 512
 
 

@@ -16,8 +16,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py $(ARGS)
 
+# The suite is mostly XLA compilation, one thread at a time: two pytest workers (pytest-xdist,
+# one test file each at a time, so module fixtures are built once) keep both CI cores busy.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

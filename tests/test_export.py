@@ -130,3 +130,16 @@ def test_readme_loader_runs_without_solq_jax(exported, tmp_path):
   np.testing.assert_allclose([d['box'] for d in detections],
                              want['boxes'][0] * np.array([70, 40, 70, 40]), atol=1e-3)
   assert [d['label'] for d in detections] == want['labels'][0].tolist()
+
+
+def test_unexportable_settings_are_refused_before_lowering(tiny_config):
+  """The export's contract is the coder's bool box masks: a detection-only model and the soft
+  decoding are refused by name (before any model is traced: None stands in for it)."""
+  config = tiny_config.copy_and_resolve_references()
+  config.eval.mask_decode = 'soft'
+  with pytest.raises(ValueError, match="mask_decode='soft'"):
+    export_lib.export(config, None, None, masks_lib.build_coder(config.model), [])
+  config.eval.mask_decode = 'coder'
+  config.model.with_masks = False
+  with pytest.raises(ValueError, match='detection only'):
+    export_lib.export(config, None, None, masks_lib.build_coder(config.model), [])

@@ -68,6 +68,32 @@ def test_masks_equal_decode_then_paste_at_exact_size(outputs, coder, max_exact_s
     assert det['masks'].transpose(1, 2, 0).flags.f_contiguous   # ready for RLE encoding
 
 
+def test_soft_decoding_pastes_the_reconstruction_and_keeps_box_filling_masks(outputs, coder):
+  """`mask_decode='soft'` (official fast_solq.py): the soft reconstruction pasted, >= 0.5. A
+  box-filling mask's vector reconstructs to a constant: empty under the mid-range threshold,
+  the whole box under the soft decoding."""
+  soft = pp.Postprocessor(coder, top_k=7, size_multiple=32, mask_decode='soft')
+  dets = soft(outputs, SIZES)
+  for b, det in enumerate(dets):
+    rec = np.asarray(coder.reconstruct(outputs['pred_vectors'][b, det['query_index']]))
+    want = paste_masks_np(rec, det['boxes'], tuple(SIZES[b]))
+    np.testing.assert_array_equal(det['masks'], want)
+    mid_range = paste_masks_np(np.asarray(coder.decode(
+        outputs['pred_vectors'][b, det['query_index']])), det['boxes'], tuple(SIZES[b]))
+    assert (want != mid_range).any()           # the two decodings differ on these vectors
+  full = coder.transform_np(np.ones((1, 16, 16), np.float32))     # a box-filling mask
+  one = dict(pred_logits=np.array([[[5.0, -5.0]]], np.float32),
+             pred_boxes=np.array([[[0.5, 0.5, 0.5, 0.5]]], np.float32),
+             pred_vectors=full[None])
+  assert not pp.Postprocessor(coder, top_k=1)(one, [[40, 40]])[0]['masks'][0].any()
+  pasted = pp.Postprocessor(coder, top_k=1, mask_decode='soft')(one, [[40, 40]])[0]['masks'][0]
+  want = np.zeros((40, 40), bool)
+  want[10:30, 10:30] = True
+  np.testing.assert_array_equal(pasted, want)
+  with pytest.raises(ValueError, match='mask_decode'):
+    pp.Postprocessor(coder, mask_decode='mid')
+
+
 def test_ties_ordered_by_flat_index_and_fewer_candidates_than_k(coder):
   logits = np.zeros((1, 3, 4), np.float32)        # all 12 scores tie at 0.5
   logits[0, 2, 1] = 1.0                            # one clear winner

@@ -106,6 +106,10 @@ def export(config, model, variables, coder, class_names):
   if not coder.has_masks:
     raise ValueError('config.model.with_masks=False (detection only) cannot be exported: the '
                      'exported contract returns masks; evaluate or predict instead')
+  if config.eval.mask_decode != 'coder':
+    raise ValueError(f"config.eval.mask_decode='{config.eval.mask_decode}' cannot be exported: "
+                     "the exported contract returns the coder's bool box masks; export with "
+                     "mask_decode='coder', or evaluate and predict from the checkpoint")
   hw = export_hw(config)
   platforms = tuple(p.strip() for p in str(config.eval.export_platforms).split(',') if p.strip())
   if not platforms:

@@ -9,7 +9,10 @@ on device:
 2. Boxes: cxcywh -> xyxy, gathered by query, scaled by `(W, H, W, H)` of `target_sizes`
    (`orig_size`, h then w). Not clipped.
 3. Masks: the selected queries' vectors are decoded by the mask coder (`coder.decode`) and pasted
-   into their boxes at the original size (`solq_jax.masks.paste_masks`).
+   into their boxes at the original size (`solq_jax.masks.paste_masks`). `mask_decode='soft'`
+   pastes the coder's soft reconstruction instead and keeps the pasted values >= 0.5, as the
+   official `fast_solq.py` does: a DCT vector of a box-filling mask reconstructs to a constant,
+   which the official mid-range threshold turns into an empty mask and this keeps.
 
 Compiled shapes: the top-k/decode step depends only on the batch shape. The paste's output
 shape is the image size, which differs from image to image. Each image is pasted on a canvas
@@ -87,11 +90,19 @@ def select_detections(pred_logits, pred_boxes, target_sizes, top_k):
   return scores, labels.astype(jnp.int32), boxes * scale[:, None, :], query_index.astype(jnp.int32)
 
 
-def decode_vectors(pred_vectors, query_index, coder):
-  """The coder's box masks `[B,K,S,S]` (bool) of the queries `query_index [B,K]`."""
+MASK_DECODES = ('coder', 'soft')
+
+
+def decode_vectors(pred_vectors, query_index, coder, mask_decode='coder'):
+  """The box masks `[B,K,S,S]` of the queries `query_index [B,K]`: bool with the coder's own
+  threshold (`'coder'`), or float, the soft reconstruction for the paste to threshold at 0.5
+  (`'soft'`)."""
+  if mask_decode not in MASK_DECODES:
+    raise ValueError(f'mask_decode={mask_decode!r} is not one of {MASK_DECODES}')
   vectors = jnp.take_along_axis(pred_vectors, query_index[..., None], axis=1)
   batch, k, num_coeffs = vectors.shape
-  decoded = coder.decode(vectors.reshape(batch * k, num_coeffs).astype(jnp.float32))
+  decode = coder.decode if mask_decode == 'coder' else coder.reconstruct
+  decoded = decode(vectors.reshape(batch * k, num_coeffs).astype(jnp.float32))
   return decoded.reshape(batch, k, *decoded.shape[1:])
 
 
@@ -119,29 +130,37 @@ class Postprocessor:
     top_k: detections per image (100 in the official code); `min(top_k, Q*C)` are returned.
     with_masks: decode and paste masks (False gives box-only results, without `masks`).
     size_multiple, max_exact_sizes: paste canvases, see the module docstring.
+    mask_decode: `'coder'` (the coder's threshold; official) or `'soft'` (the soft
+      reconstruction pasted, then >= 0.5; official fast_solq.py), see the module docstring.
   """
 
   def __init__(self, coder, top_k=100, *, with_masks=True, size_multiple=128,
-               max_exact_sizes=8):
+               max_exact_sizes=8, mask_decode='coder'):
+    if mask_decode not in MASK_DECODES:
+      raise ValueError(f'mask_decode={mask_decode!r} is not one of {MASK_DECODES}')
     self.coder = coder
     self.top_k = int(top_k)
     self.with_masks = with_masks
     self.size_multiple = size_multiple
     self.max_exact_sizes = max_exact_sizes
-    self._decode = jax.jit(functools.partial(decode_vectors, coder=coder))
+    self.mask_decode = mask_decode
+    self._decode = jax.jit(functools.partial(decode_vectors, coder=coder,
+                                             mask_decode=mask_decode))
     self._exact_sizes = set()   # image sizes pasted on an exact canvas so far
 
   @classmethod
   def from_config(cls, eval_config, coder):
-    """The adapter from `config.eval` (`top_k`, `with_masks`, `paste_*`); a detection-only
-    coder (`config.model.with_masks=False`) gives box-only results whatever `eval.with_masks`."""
+    """The adapter from `config.eval` (`top_k`, `with_masks`, `paste_*`, `mask_decode`); a
+    detection-only coder (`config.model.with_masks=False`) gives box-only results whatever
+    `eval.with_masks`."""
     return cls(coder, eval_config.top_k,
                with_masks=eval_config.with_masks and getattr(coder, 'has_masks', True),
                size_multiple=eval_config.paste_size_multiple,
-               max_exact_sizes=eval_config.paste_exact_sizes)
+               max_exact_sizes=eval_config.paste_exact_sizes,
+               mask_decode=eval_config.mask_decode)
 
   def decode_selected(self, pred_vectors, query_index):
-    """Box-relative masks `[B,K,S,S]` (bool) of the selected queries."""
+    """Box-relative masks `[B,K,S,S]` of the selected queries (bool; float for `'soft'`)."""
     return self._decode(pred_vectors, query_index)
 
   def paste_image_masks(self, box_masks, boxes_xyxy, image_hw):

@@ -193,6 +193,27 @@ def test_warmup_ramps_every_group_then_steps():
     opt.group_schedules(ml_collections.ConfigDict(train_config(warmup_steps=-1)), 10)
 
 
+def test_cosine_schedule_every_group():
+  """`lr_schedule='cosine'`: after the warm-up, base * (f + (1 - f) (1 + cos(pi t)) / 2) with t
+  running 0..1 over the remaining updates of the run (`total_steps`, else epochs x steps)."""
+  t = ml_collections.ConfigDict(train_config(lr_schedule='cosine', warmup_steps=3,
+                                             total_steps=24, lr_drop_factor=0.1))
+  groups = opt.group_schedules(t, steps_per_epoch=10)
+  for name, base_rate in {opt.DEFAULT: 2e-4, opt.BACKBONE: 2e-5, opt.LINEAR_PROJ: 2e-5}.items():
+    got = np.array([float(groups[name](c)) for c in range(25)])
+    np.testing.assert_allclose(got[:3], base_rate * np.array([1, 2, 3]) / 3, rtol=1e-6)
+    np.testing.assert_allclose(got[3], base_rate, rtol=1e-6)           # the cosine's start
+    np.testing.assert_allclose(got[13], base_rate * 0.55, rtol=1e-5)   # half-way: (1 + 0.1) / 2
+    np.testing.assert_allclose(got[23:], base_rate * 0.1, rtol=1e-5)   # the last update on
+    assert np.all(np.diff(got[3:]) <= 1e-12)
+  by_epochs = opt.group_schedules(ml_collections.ConfigDict(
+      train_config(lr_schedule='cosine', epochs=2, lr_drop_factor=0.0)), steps_per_epoch=5)
+  np.testing.assert_allclose(float(by_epochs[opt.DEFAULT](9)), 0.0, atol=1e-12)
+  np.testing.assert_allclose(float(by_epochs[opt.DEFAULT](0)), 2e-4, rtol=1e-6)
+  with pytest.raises(ValueError, match='lr_schedule'):
+    opt.group_schedules(ml_collections.ConfigDict(train_config(lr_schedule='linear')), 10)
+
+
 def test_warmup_scales_the_applied_update():
   """SGD-like check through AdamW: with weight decay 0 and a constant gradient, Adam's update
   is -lr(step) * sign, so the first two updates are 1/3 and 2/3 of the base rate."""

@@ -3,7 +3,9 @@
 AdamW with decoupled weight decay on every trained parameter, three learning-rate groups chosen
 by parameter path, frozen parameters that never change, the global-norm clip over the trained
 gradients, and a step decay of every group's rate at `lr_drop_epoch` (after an optional linear
-warm-up over `warmup_steps`; 0 = none, as the official code).
+warm-up over `warmup_steps`; 0 = none, as the official code). `lr_schedule='cosine'` replaces
+the step decay by a cosine decay of every group's rate from its base value (after the warm-up)
+to `lr_drop_factor` of it at the run's last step.
 
 Groups (by the parameter-tree contract of `solq_jax.models`):
   frozen       the backbone modules `solq_jax.models.backbone.frozen_module` names: the stem
@@ -76,6 +78,24 @@ def step_decay_schedule(base_lr: float, drop_step: int, factor: float,
   return schedule
 
 
+def cosine_decay_schedule(base_lr: float, total_steps: int, floor: float,
+                          warmup_steps: int = 0) -> optax.Schedule:
+  """`base_lr` decayed along a half cosine to `base_lr * floor` at update `total_steps - 1`,
+  after the same linear warm-up as `step_decay_schedule` (the cosine starts after it)."""
+  span = max(int(total_steps) - int(warmup_steps) - 1, 1)
+
+  def schedule(count):
+    progress = jnp.clip((count - warmup_steps) / span, 0.0, 1.0)
+    rate = base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    if warmup_steps > 0:
+      rate = rate * jnp.minimum(1.0, (count + 1.0) / warmup_steps)
+    return rate
+  return schedule
+
+
+LR_SCHEDULES = ('step', 'cosine')
+
+
 class EmptyState(NamedTuple):
   """The (empty) state of the stateless transformations below."""
 
@@ -107,18 +127,25 @@ def clip_by_global_norm_torch(max_norm: float, labels=None) -> optax.GradientTra
 
 
 def group_schedules(train_config, steps_per_epoch: int) -> Dict[str, Callable]:
-  """The learning-rate schedule of each trained group, with the step decay in optimiser steps."""
+  """The learning-rate schedule of each trained group in optimiser steps: the step decay at
+  `lr_drop_epoch`, or (`lr_schedule='cosine'`) the cosine over the run's length
+  (`total_steps`, else `epochs * steps_per_epoch`, as the loop counts it)."""
   t = train_config
-  drop = int(t.lr_drop_epoch * steps_per_epoch)
   warmup = int(t.warmup_steps)
   if warmup < 0:
     raise ValueError(f'config.train.warmup_steps={warmup} must be >= 0 (0 = no warm-up)')
-  return {
-      DEFAULT: step_decay_schedule(t.lr, drop, t.lr_drop_factor, warmup),
-      BACKBONE: step_decay_schedule(t.lr_backbone, drop, t.lr_drop_factor, warmup),
-      LINEAR_PROJ: step_decay_schedule(t.lr * t.lr_linear_proj_mult, drop, t.lr_drop_factor,
-                                       warmup),
-  }
+  if t.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f'config.train.lr_schedule={t.lr_schedule!r} is not one of {LR_SCHEDULES}')
+  if t.lr_schedule == 'cosine':
+    total = int(t.total_steps) or int(t.epochs) * int(steps_per_epoch)
+    def make(base):
+      return cosine_decay_schedule(base, total, t.lr_drop_factor, warmup)
+  else:
+    drop = int(t.lr_drop_epoch * steps_per_epoch)
+    def make(base):
+      return step_decay_schedule(base, drop, t.lr_drop_factor, warmup)
+  return {DEFAULT: make(t.lr), BACKBONE: make(t.lr_backbone),
+          LINEAR_PROJ: make(t.lr * t.lr_linear_proj_mult)}
 
 
 def build_optimizer(train_config, params, steps_per_epoch: int,

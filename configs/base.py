@@ -183,6 +183,9 @@ def train_config() -> ml_collections.ConfigDict:
       clip_max_norm=0.1,
       lr_drop_epoch=40.0,           # may be fractional: the drop is at int(epoch * steps/epoch)
       lr_drop_factor=0.1,
+      # 'step' (official): x lr_drop_factor at lr_drop_epoch; 'cosine': a half cosine from each
+      # group's rate (after the warm-up) down to lr_drop_factor of it at the run's last step.
+      lr_schedule='step',
       # Linear warm-up of every group's rate over this many optimizer steps (0 = none, as the
       # official recipe): lets a short from-scratch run take a higher lr without diverging early.
       warmup_steps=0,
@@ -229,6 +232,10 @@ def eval_config() -> ml_collections.ConfigDict:
       with_masks=True,              # False: bbox-only evaluation (no decode/paste/segm)
       paste_exact_sizes=8,          # first image sizes pasted at exact size (a compile each);
       paste_size_multiple=128,      # later sizes: canvas sides rounded up to this, then cropped
+      # 'coder': each coder's own threshold (DCT: the official mid-range, a constant
+      # reconstruction is empty); 'soft': the soft reconstruction pasted, then >= 0.5 (the
+      # official fast_solq.py).
+      mask_decode='coder',
       score_threshold=0.3,          # predict: detections drawn in overlays
       names_file='',                # predict: names, dataset json or text ('' = COCO or shapes)
       use_ema=True,                 # evaluate/predict with the weight EMA when the weights have one

@@ -39,6 +39,9 @@ def main(argv):
   logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))   # --verbosity=1: debug
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
+  from solq_jax.training import host_malloc  # pylint: disable=g-import-not-at-top
+  if not host_malloc.fix_malloc_thresholds():
+    logging.info('malloc thresholds left as they are (no glibc mallopt)')
   import jax  # pylint: disable=g-import-not-at-top
   if _CACHE.value and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)

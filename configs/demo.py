@@ -24,8 +24,7 @@ size chosen for the CPU; its docstring says why) plus what trained fastest per m
   (`data.train_scales=(96,)`): the run sees each of its 16,384 images less than twice, so
   augmentation buys little, while the crop showed the model cut shapes and the smaller scales
   shapes smaller than any it is evaluated on. Without both, mask AP rose by ~7-8 points at the
-  same steps on both seeds tried, and the data worker's cheaper batches left more of the 2
-  cores to the train step (1.3x the steps per second);
+  same steps on both seeds tried;
 * 6,000 steps, lr x0.1 after step 5,400 (90%): what fits the 15 minutes, set-up and
   evaluation included, on the slower of the 2-core machines seen. (A weight EMA,
   `train.ema_decay=0.998`, scored 1-2 points BELOW the raw weights at the end of both seeds

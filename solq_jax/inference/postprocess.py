@@ -93,12 +93,16 @@ def select_detections(pred_logits, pred_boxes, target_sizes, top_k):
 MASK_DECODES = ('coder', 'soft')
 
 
+def check_mask_decode(mask_decode):
+  if mask_decode not in MASK_DECODES:
+    raise ValueError(f'mask_decode={mask_decode!r} is not one of {MASK_DECODES}')
+
+
 def decode_vectors(pred_vectors, query_index, coder, mask_decode='coder'):
   """The box masks `[B,K,S,S]` of the queries `query_index [B,K]`: bool with the coder's own
   threshold (`'coder'`), or float, the soft reconstruction for the paste to threshold at 0.5
   (`'soft'`)."""
-  if mask_decode not in MASK_DECODES:
-    raise ValueError(f'mask_decode={mask_decode!r} is not one of {MASK_DECODES}')
+  check_mask_decode(mask_decode)
   vectors = jnp.take_along_axis(pred_vectors, query_index[..., None], axis=1)
   batch, k, num_coeffs = vectors.shape
   decode = coder.decode if mask_decode == 'coder' else coder.reconstruct
@@ -136,14 +140,12 @@ class Postprocessor:
 
   def __init__(self, coder, top_k=100, *, with_masks=True, size_multiple=128,
                max_exact_sizes=8, mask_decode='coder'):
-    if mask_decode not in MASK_DECODES:
-      raise ValueError(f'mask_decode={mask_decode!r} is not one of {MASK_DECODES}')
+    check_mask_decode(mask_decode)   # now, not at the first batch's trace
     self.coder = coder
     self.top_k = int(top_k)
     self.with_masks = with_masks
     self.size_multiple = size_multiple
     self.max_exact_sizes = max_exact_sizes
-    self.mask_decode = mask_decode
     self._decode = jax.jit(functools.partial(decode_vectors, coder=coder,
                                              mask_decode=mask_decode))
     self._exact_sizes = set()   # image sizes pasted on an exact canvas so far

@@ -2,11 +2,13 @@
 
 XLA:CPU takes each step's temporary buffers from malloc and frees them when the step ends. By
 default glibc serves a large block with its own mmap and moves that threshold up or down as the
-process frees blocks, so the outcome depends on the process's history: a process that compiled
-its train step itself (every fresh run; the persistent compilation cache spares a rerun) was
-left serving the step's buffers with mmap and munmap, paying page faults on every step (a sixth
-of its CPU time in the kernel; benchmarks/README.md has the figures). Fixed thresholds keep
-blocks up to `mmap_threshold` on the heap and the freed heap mapped, whatever came before.
+process frees blocks, so the outcome depends on the process's history: a run that compiled its
+train step itself (rather than loading it from the persistent compilation cache) was left
+serving the step's buffers with mmap and munmap, paying page faults on every step (a sixth of
+its CPU time in the kernel). Fixed thresholds keep blocks up to `mmap_threshold` on the heap and
+the freed heap mapped, whatever came before. They did not cure a fresh clone's first
+`make demo`, whose page faults have another cause not yet found (benchmarks/README.md, session
+11, has the figures of both).
 """
 import ctypes
 
